@@ -1,0 +1,193 @@
+"""Command-line flags shared by the entry scripts, ``--config`` YAML layering and checks.
+
+Precedence: explicit flags > ``--config FILE.yaml`` > defaults. Without ``--data``
+(and without a config file) training runs the demo recipe of ``configs/demo.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .embedded import DEFAULT_MODEL
+from .errors import UserError, did_you_mean
+from .methods import METHODS
+from .models import FAMILIES
+from .templates import TEMPLATES
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def build_finetune_parser() -> argparse.ArgumentParser:
+    """Flags of ``uniform_finetune.py``: the original's names and defaults, plus a few new ones."""
+    p = argparse.ArgumentParser(
+        prog="uniform_finetune.py",
+        description="Instruction-tune an LLM with a parameter-efficient method.",
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of flag values (flags on the command line win)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model_type", choices=sorted(FAMILIES), help="model family; detected from config.json if omitted")
+    g.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="local folder, hub id or embedded model name")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow code shipped in the checkpoint to run")
+    g.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the family's)")
+    g.add_argument("--quantization_bit", type=int, choices=[4, 8], help="load the base in 4-bit NF4 or 8-bit")
+    g.add_argument("--compute_dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="training precision on CUDA; fp32 on CPU unless bf16")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="*", help="dataset names or JSON/JSONL files (default: the demo recipe)")
+    g.add_argument("--cutoff_len", type=int, default=512, help="truncate examples to this many tokens")
+    g.add_argument("--val_set_size", type=int, default=2000, help="held-out validation records (capped at 10%%)")
+    g.add_argument("--heldout_eval", type=int, default=0,
+                   help="score exact-match answers on this many held-out records before and after training")
+    g = p.add_argument_group("method")
+    g.add_argument("--peft_type", default="lora", choices=sorted(METHODS))
+    g.add_argument("--lora_target_modules", nargs="+", help="Linear layers to adapt (default: the family's; 'all')")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--adalora_init_r", type=int, default=12)
+    g.add_argument("--adalora_tinit", type=int, default=200)
+    g.add_argument("--adalora_tfinal", type=int, default=1000)
+    g.add_argument("--adalora_delta_t", type=int, default=10)
+    g.add_argument("--num_virtual_tokens", type=int, default=20)
+    g.add_argument("--prompt_encoder_hidden_size", type=int, default=128)
+    g = p.add_argument_group("training")
+    g.add_argument("--per_gpu_train_batch_size", type=int, default=4)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=32)
+    g.add_argument("--epochs", type=float, default=3)
+    g.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps; overrides --epochs")
+    g.add_argument("--learning_rate", type=float, default=3e-4)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--save_steps", type=int, help="checkpoint interval (default: a tenth of the run)")
+    g.add_argument("--save_total_limit", type=int, default=3)
+    g.add_argument("--logging_steps", type=int, help="log interval (default: about 50 logs per run)")
+    g.add_argument("--resume_from_checkpoint", nargs="?", const=True,
+                   help="continue from a checkpoint folder; bare flag: the latest in --output_dir")
+    g.add_argument("--report_to", default="wandb", choices=["wandb", "tensorboard", "none"])
+    g.add_argument("--output_dir", help="default: saved_models/{model}_{data}_{lr}/{peft_type}")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    g.add_argument("--size", help=argparse.SUPPRESS)  # accepted for the original's command lines; unused
+    return p
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """Generation flags of every inference script; greedy unless a temperature is given."""
+    g = p.add_argument_group("generation")
+    g.add_argument("--preset", choices=["greedy", "original"], default="greedy",
+                   help="greedy: reproducible; original: the 2023 project's sampling settings")
+    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--temperature", type=float, help="> 0 samples; 0 is greedy")
+    g.add_argument("--top_p", type=float)
+    g.add_argument("--top_k", type=int)
+    g.add_argument("--num_beams", type=int)
+    g.add_argument("--repetition_penalty", type=float)
+    g.add_argument("--no_repeat_ngram_size", type=int)
+
+
+def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError as exc:
+        raise UserError(f"--config: {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"--config: {path}{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"--config: {path} must be a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions
+               if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS}  # launcher-only flags
+    problems = []
+    for key, value in values.items():
+        if key not in actions:
+            problems.append(f"unknown key {key!r}{did_you_mean(str(key), actions)}")
+            continue
+        action = actions[key]
+        try:
+            values[key] = _convert(action, value)
+        except (TypeError, ValueError):
+            problems.append(f"{key}: {value!r} is not a valid {getattr(action.type, '__name__', 'value')}")
+            continue
+        items = values[key] if isinstance(values[key], list) else [values[key]]
+        if action.choices and any(v not in action.choices for v in items if v is not None):
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    if problems:
+        raise UserError(f"--config {path}: " + "; ".join(problems))
+    return values
+
+
+def _convert(action: argparse.Action, value: Any) -> Any:
+    if value is None or action.type is None:
+        return value
+    if action.nargs in ("*", "+"):
+        return [action.type(v) for v in (value if isinstance(value, list) else [value])]
+    return action.type(value)
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(token == flag or token.startswith(flag + "=") for token in argv)
+
+
+def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse training flags with the YAML layer; the demo recipe when no data is named."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_finetune_parser()
+    first = parser.parse_args(argv)
+    config_file = first.config
+    if config_file is None and not _given(argv, "--data"):
+        config_file = str(DEMO_CONFIG)
+        logging.getLogger(__name__).info("no --data given: running the demo recipe of %s", DEMO_CONFIG)
+    if config_file:
+        parser.set_defaults(**_load_yaml(config_file, parser))
+    args = parser.parse_args(argv)
+    args.config = config_file
+    check_finetune_args(args)
+    return args
+
+
+def check_finetune_args(args: argparse.Namespace) -> None:
+    """Check every flag that can be checked before loading anything; report all problems at once."""
+    problems = []
+    positive = ["per_gpu_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_r", "lora_alpha",
+                "num_virtual_tokens", "prompt_encoder_hidden_size", "save_total_limit"]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("save_steps", "logging_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.learning_rate <= 0:
+        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
+    if args.max_steps <= 0 and args.epochs <= 0:
+        problems.append("--epochs must be positive when --max_steps is not set")
+    if args.val_set_size < 0 or args.heldout_eval < 0:
+        problems.append("--val_set_size and --heldout_eval must be 0 or more")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+    if not args.data:
+        problems.append("--data needs at least one dataset name or file")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run an entry point: user mistakes print one ``error:`` line and exit 2; bugs keep their traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,151 @@
+"""Inference: base model + adapter from a saved run, prompts through the run's template, generation.
+
+A run folder describes itself (``alpaca_cot_run.json``): base model, family and
+template come from there, so nobody has to repeat ``--lora_r`` or the base path.
+A plain PEFT adapter folder works too (base from its ``adapter_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import encode_segments, special_prefix_ids
+from .errors import UserError
+from .models import ModelFamily, load_model, load_tokenizer, resolve_family, resolve_model_path
+from .templates import Message, Template, get_template
+
+logger = logging.getLogger(__name__)
+
+RUN_MANIFEST = "alpaca_cot_run.json"
+
+GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    # Reproducible answers: the default of every script.
+    "greedy": {"do_sample": False, "num_beams": 1, "max_new_tokens": 256, "repetition_penalty": 1.0},
+    # What the 2023 generate.py used.
+    "original": {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 40, "num_beams": 4,
+                 "no_repeat_ngram_size": 6, "repetition_penalty": 1.8, "max_new_tokens": 512},
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate, with the tokenizer and prompt format it was trained with."""
+
+    model: Any
+    tokenizer: Any
+    family: ModelFamily
+    template: Template
+    base_model: str
+
+
+def read_run_manifest(lora_dir: Path) -> dict[str, Any]:
+    """The run settings saved by training, or ``{}`` for a plain PEFT adapter folder."""
+    path = lora_dir / RUN_MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(
+    lora_dir: str | None = None,
+    model_name_or_path: str | None = None,
+    model_type: str | None = None,
+    template: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load base model (+ adapter from ``lora_dir``); explicit arguments override the saved run."""
+    import torch
+
+    manifest: dict[str, Any] = {}
+    if lora_dir is not None:
+        folder = Path(lora_dir)
+        if not (folder / "adapter_config.json").is_file():
+            raise UserError(f"--lora_dir: {folder} holds no adapter (adapter_config.json missing)")
+        manifest = read_run_manifest(folder)
+        if not manifest:
+            adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            manifest = {"base_model": adapter_config.get("base_model_name_or_path")}
+    base = model_name_or_path or manifest.get("base_model")
+    if not base:
+        raise UserError("--model_name_or_path is needed: the adapter does not say which base model it belongs to")
+    model_path = resolve_model_path(base)
+    trust_remote_code = trust_remote_code or bool(manifest.get("trust_remote_code"))
+    family = resolve_family(model_type or manifest.get("model_type"), model_path)
+    prompt_format = get_template(template or manifest.get("template") or family.template)
+    device = default_device()
+    dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    tokenizer_source = lora_dir if lora_dir and (Path(lora_dir) / "tokenizer_config.json").is_file() else model_path
+    tokenizer = load_tokenizer(tokenizer_source, family, trust_remote_code)
+    model = load_model(model_path, family, dtype, manifest.get("quantization_bit"), device_map={"": device},
+                       trust_remote_code=trust_remote_code)
+    if lora_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, lora_dir)
+    model.eval()
+    return LoadedModel(model, tokenizer, family, prompt_format, base)
+
+
+def build_generation_config(loaded: LoadedModel, preset: str = "greedy", **overrides: Any) -> Any:
+    """A ``GenerationConfig`` from a preset plus explicit overrides (``None`` values ignored)."""
+    from transformers import GenerationConfig
+
+    settings = dict(GENERATION_PRESETS[preset])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if "temperature" in overrides and overrides["temperature"] is not None:
+        settings["do_sample"] = overrides["temperature"] > 0
+        if not settings["do_sample"]:
+            settings.pop("temperature")
+    if not settings.get("do_sample"):
+        for key in ("temperature", "top_p", "top_k"):
+            settings.pop(key, None)  # unused when greedy; transformers warns about them
+    tokenizer = loaded.tokenizer
+    return GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+
+
+def prompt_ids(loaded: LoadedModel, messages: list[Message], input_text: str = "") -> list[int]:
+    """Token ids of the prompt for the next assistant turn, exactly as in training."""
+    ids, _ = encode_segments(loaded.tokenizer, loaded.template.render(messages, input_text),
+                             special_prefix_ids(loaded.tokenizer))
+    return ids
+
+
+def generate_batch(
+    loaded: LoadedModel, prompts: list[list[int]], generation_config: Any, batch_size: int = 8
+) -> list[str]:
+    """Answer each prompt (token ids); batches are left-padded so every answer starts at the same column."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        with torch.no_grad():
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=generation_config)
+        for row in output[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def answer(loaded: LoadedModel, instruction: str, input_text: str = "", generation_config: Any = None) -> str:
+    """Answer one instruction (with optional input) through the run's template."""
+    config = generation_config or build_generation_config(loaded)
+    messages = [Message("user", instruction)]
+    return generate_batch(loaded, [prompt_ids(loaded, messages, input_text)], config, batch_size=1)[0]

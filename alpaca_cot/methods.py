@@ -1,0 +1,136 @@
+"""PEFT method registry: ``--peft_type`` name -> how to build its adapter config.
+
+Each row turns the run's flags into a ``peft`` config. Add a method by adding a
+row to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError, unknown_name
+from .models import ModelFamily, linear_module_names
+
+logger = logging.getLogger(__name__)
+
+
+def lora_targets(args: Namespace, family: ModelFamily, model: Any) -> list[str] | str:
+    """``--lora_target_modules`` (or the family default), checked against the model's Linear layers."""
+    requested = list(args.lora_target_modules or family.lora_targets)
+    if requested == ["all"]:
+        return "all-linear"
+    available = linear_module_names(model)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise UserError(
+            f"--lora_target_modules: {', '.join(missing)} not in this model; "
+            f"its Linear layers are: {', '.join(available)} (or use 'all')"
+        )
+    return requested
+
+
+def _lora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_targets(args, family, model),
+        bias="none",
+    )
+
+
+def _adalora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+    from peft import AdaLoraConfig
+
+    tinit, tfinal = args.adalora_tinit, args.adalora_tfinal
+    if tinit + tfinal >= total_steps:
+        # peft needs a budgeting phase between warm-up and final fine-tuning;
+        # keep the original's proportions on a short run instead of failing.
+        tinit, tfinal = max(1, total_steps // 5), max(1, total_steps // 5)
+        logger.info("AdaLoRA schedule scaled to this %d-step run: tinit %d, tfinal %d", total_steps, tinit, tfinal)
+    return AdaLoraConfig(
+        task_type="CAUSAL_LM",
+        init_r=args.adalora_init_r,
+        target_r=args.lora_r,
+        beta1=0.85,
+        beta2=0.85,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=args.adalora_delta_t,
+        total_step=total_steps,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_targets(args, family, model),
+    )
+
+
+def _prompt(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens)
+
+
+def _p_tuning(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=args.num_virtual_tokens,
+        encoder_hidden_size=args.prompt_encoder_hidden_size,
+    )
+
+
+def _prefix(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=args.num_virtual_tokens,
+        encoder_hidden_size=args.prompt_encoder_hidden_size,
+        prefix_projection=True,
+    )
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One ``--peft_type``."""
+
+    name: str
+    build_config: Callable[[Namespace, ModelFamily, Any, int], Any]  # (args, family, model, total_steps)
+    description: str
+    gradient_checkpointing: bool = True  # prefix tuning's past_key_values break checkpointing
+    uses_lora_targets: bool = False
+
+
+def _registry(*methods: PeftMethod) -> dict[str, PeftMethod]:
+    table: dict[str, PeftMethod] = {}
+    for method in methods:
+        if method.name in table:
+            raise ValueError(f"PEFT method {method.name!r} registered twice")
+        table[method.name] = method
+    return table
+
+
+METHODS: dict[str, PeftMethod] = _registry(
+    PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers", uses_lora_targets=True),
+    PeftMethod("adalora", _adalora, "AdaLoRA: LoRA whose rank budget is reallocated while training",
+               uses_lora_targets=True),
+    PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input"),
+    PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder"),
+    PeftMethod("prefix", _prefix, "prefix tuning (with projection): learned key/value prefixes in every layer",
+               gradient_checkpointing=False),
+)
+
+
+def get_method(name: str) -> PeftMethod:
+    """Return the registry row for ``--peft_type name``."""
+    if name not in METHODS:
+        raise unknown_name("PEFT method", name, METHODS, "--peft_type")
+    return METHODS[name]

@@ -1,0 +1,365 @@
+"""Training: model preparation, Trainer setup, checkpoints and the saved run.
+
+``run_finetune`` is the whole recipe behind ``uniform_finetune.py``: resolve data
+and model (all cheap checks first), tokenize with masking, wrap the model with the
+chosen PEFT method, train with the transformers ``Trainer``, and save the adapter,
+tokenizer and a manifest of the run atomically into ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from transformers import DataCollatorForSeq2Seq, TrainerCallback
+
+from . import __version__
+from .catalog import DataSource, resolve_data
+from .data import IGNORE_INDEX, load_records, prepare_data
+from .errors import UserError
+from .evaluation import exact_match
+from .inference import RUN_MANIFEST, LoadedModel
+from .methods import get_method
+from .models import load_model, load_tokenizer, resolve_family, resolve_model_path
+from .templates import get_template
+
+logger = logging.getLogger(__name__)
+
+
+class LossProgressCallback(TrainerCallback):
+    """One progress bar with the running loss in a terminal; plain log lines otherwise."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.interactive = sys.stderr.isatty()
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102
+        if state.is_world_process_zero and self.interactive:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D102
+        if not state.is_world_process_zero or not logs:
+            return
+        shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate")}
+        if not shown:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=True)
+            if "eval_loss" in logs:
+                self.bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+        else:
+            logger.info("step %d/%d %s", state.global_step, state.max_steps,
+                        " ".join(f"{k} {v}" for k, v in shown.items()))
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: D102
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class AdaLoraBudgetCallback(TrainerCallback):
+    """Reallocates AdaLoRA's rank budget after every optimizer step (the original never did).
+
+    ``on_optimizer_step`` runs before the gradients are zeroed, which the rank
+    allocator needs to score each singular value.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def world_size() -> int:
+    """Number of processes of a torchrun / torch.distributed.launch job (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 logs, reports and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def default_output_dir(args: Namespace) -> str:
+    """The original's layout: ``saved_models/{model}_{data}_{lr}/{peft_type}``."""
+    model = Path(args.model_name_or_path.rstrip("/")).name
+    data = "-".join(Path(d).stem if os.sep in d or "." in d else d for d in args.data)
+    return str(Path("saved_models") / f"{model}_{data}_{args.learning_rate:g}" / args.peft_type)
+
+
+def find_last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest *complete* checkpoint: ``trainer_state.json`` is the last file the Trainer writes."""
+    complete = [p for p in output_dir.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _resume_path(args: Namespace, output_dir: Path) -> str | None:
+    if args.resume_from_checkpoint in (None, False):
+        return None
+    if args.resume_from_checkpoint is True or args.resume_from_checkpoint == "True":
+        found = find_last_checkpoint(output_dir)
+        if found is None:
+            raise UserError(f"--resume_from_checkpoint: no complete checkpoint in {output_dir}")
+        return str(found)
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
+    """(dtype to load the base in, Trainer fp16, Trainer bf16)."""
+    import torch
+
+    if on_cuda:
+        if compute_dtype == "bf16":
+            return torch.bfloat16, False, True
+        if compute_dtype == "fp16":
+            return torch.float16, True, False
+        return torch.float32, False, False
+    if compute_dtype == "bf16":
+        return torch.float32, False, True  # CPU autocast to bf16, fp32 master weights
+    if compute_dtype == "fp16":
+        logger.info("--compute_dtype fp16 needs CUDA: training in fp32 on the CPU")
+    return torch.float32, False, False
+
+
+def _configure_reporting(report_to: str, output_dir: Path) -> list[str]:
+    if report_to == "none" or not is_main_process():
+        return []
+    if report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise UserError("--report_to wandb needs wandb: `pip install wandb`, or pass --report_to none") from exc
+        netrc = Path.home() / ".netrc"
+        logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+        if not logged_in and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"  # never block a run on a login prompt
+            logger.info("wandb: no API key, logging offline to %s (sync later with `wandb sync`)", output_dir)
+        os.environ.setdefault("WANDB_DIR", str(output_dir))
+        os.environ.setdefault("WANDB_PROJECT", "alpaca-cot")
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise UserError("--report_to tensorboard needs `pip install tensorboard`") from exc
+    return [report_to]
+
+
+def _heldout_records(sources: list[DataSource], count: int) -> list[dict[str, str]]:
+    with_split = [s for s in sources if s.heldout is not None]
+    if not with_split:
+        names = ", ".join(s.name for s in sources)
+        raise UserError(f"--heldout_eval: none of the datasets ({names}) has a held-out split; use --heldout_eval 0")
+    records: list[dict[str, str]] = []
+    for source in with_split:
+        records += load_records(source.heldout)
+    return records[:count]
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "alpaca_cot": __version__}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    """Write JSON to a temporary name in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any]) -> None:
+    """Save adapter, tokenizer and manifest; each file lands by rename, the manifest last."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / RUN_MANIFEST, manifest)
+        (output_dir / RUN_MANIFEST).unlink(missing_ok=True)  # no manifest vouches for a half-swapped folder
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == RUN_MANIFEST):
+            target = output_dir / item.name
+            if item.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_finetune(args: Namespace) -> dict[str, Any]:
+    """Train as the flags say; return a summary (losses, held-out metric, output folder)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    started = time.time()
+    # Everything cheap is checked before the model is loaded.
+    sources = resolve_data(args.data)
+    method = get_method(args.peft_type)
+    model_path = resolve_model_path(args.model_name_or_path)
+    family = resolve_family(args.model_type, model_path)
+    template = get_template(args.template or family.template)
+    heldout = _heldout_records(sources, args.heldout_eval) if args.heldout_eval else []
+    output_dir = Path(args.output_dir or default_output_dir(args))
+    resume = _resume_path(args, output_dir)
+    on_cuda = torch.cuda.is_available()
+    if args.quantization_bit and not on_cuda and args.quantization_bit == 8:
+        raise UserError("--quantization_bit 8 needs a CUDA GPU; on the CPU use --quantization_bit 4 or none")
+    load_dtype, fp16, bf16 = _precision(args.compute_dtype, on_cuda)
+    report_to = _configure_reporting(args.report_to, output_dir)
+    logger.info("model %s (family %s, template %s), method %s", model_path, family.name, template.name, method.name)
+
+    tokenizer = load_tokenizer(model_path, family, args.trust_remote_code)
+    tokenizer.padding_side = "right"  # training pads on the right; generation pads its own batches left
+    data = prepare_data(sources, tokenizer, template, args.cutoff_len, args.val_set_size, args.seed)
+    ranks = world_size()
+    global_batch = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * ranks
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / (args.per_gpu_train_batch_size * ranks))
+                                / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(steps_per_epoch * args.epochs))
+    logger.info("%d training examples (%d validation); global batch %d = %d per device x %d accumulation x %d "
+                "processes; %d optimizer steps", len(data.train), len(data.validation or []), global_batch,
+                args.per_gpu_train_batch_size, args.gradient_accumulation_steps, ranks, total_steps)
+
+    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if on_cuda else None
+    model = load_model(model_path, family, load_dtype, args.quantization_bit, device_map, args.trust_remote_code)
+    peft_config = method.build_config(args, family, model, total_steps)  # checks target modules
+
+    before = None
+    if heldout and ranks == 1:
+        logger.info("scoring %d held-out records before training", len(heldout))
+        before = exact_match(LoadedModel(model, tokenizer, family, template, args.model_name_or_path), heldout)
+
+    use_checkpointing = args.gradient_checkpointing and method.gradient_checkpointing
+    if args.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_checkpointing)
+    elif use_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if use_checkpointing:
+        model.config.use_cache = False
+
+    from peft import get_peft_model
+
+    model = get_peft_model(model, peft_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    interval = args.save_steps or max(1, total_steps // 10)
+    has_validation = data.validation is not None and len(data.validation) > 0
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(100, total_steps // 10),
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps or max(1, min(10, total_steps // 50)),
+        save_strategy="steps",
+        save_steps=interval,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=interval if has_validation else None,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="eval_loss" if has_validation else None,
+        fp16=fp16,
+        bf16=bf16,
+        use_cpu=not on_cuda,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=report_to,
+        disable_tqdm=True,  # LossProgressCallback draws the one bar
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if ranks > 1 else None,
+        log_level="warning" if is_main_process() else "error",
+    )
+    callbacks: list[TrainerCallback] = [LossProgressCallback()]
+    if method.name == "adalora":
+        callbacks.append(AdaLoraBudgetCallback(model))
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.validation if has_validation else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                            pad_to_multiple_of=8 if on_cuda else None),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing raw dicts
+    result = trainer.train(resume_from_checkpoint=resume)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    summary: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "global_batch": global_batch,
+        "train_examples": len(data.train),
+        "heldout_before": before.accuracy if before else None,
+    }
+    manifest = {
+        "alpaca_cot_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": args.model_name_or_path,
+        "model_type": family.name,
+        "template": template.name,
+        "peft_type": method.name,
+        "quantization_bit": args.quantization_bit,
+        "trust_remote_code": args.trust_remote_code,
+        "settings": vars(args),
+        "data": data.manifest,
+        "versions": _package_versions(),
+        "result": summary,
+    }
+    if trainer.is_world_process_zero():
+        save_run(trainer.model, tokenizer, output_dir, manifest)
+    if heldout and ranks == 1:
+        logger.info("scoring %d held-out records after training", len(heldout))
+        after = exact_match(LoadedModel(trainer.model, tokenizer, family, template, args.model_name_or_path),
+                            heldout)
+        summary["heldout_after"] = after.accuracy
+        summary["heldout_records"] = after.total
+        summary["heldout_examples"] = after.predictions[:3]
+        if trainer.is_world_process_zero():
+            write_json_atomic(output_dir / RUN_MANIFEST, manifest)
+    summary["wall_seconds"] = time.time() - started
+    return summary
