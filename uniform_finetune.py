@@ -32,15 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_finetune_args(argv)
         summary = run_finetune(args)
         out = summary["output_dir"]
-        print(f"trained {summary['global_step']} steps in {summary['wall_seconds']:.0f} s; "
+        print(f"trained {summary['global_step']} steps ({summary['train_seconds']:.0f} s training, "
+              f"{summary['wall_seconds']:.0f} s in all); "
               f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} (mean {summary['train_loss']:.4f})")
         if summary.get("heldout_after") is not None:
             print(f"held-out exact match on {summary['heldout_records']} problems: "
                   f"before {_percent(summary['heldout_before'])}, after {_percent(summary['heldout_after'])}")
         print(f"adapter saved to {out}")
-        print(f"chat with it:  python generate.py --lora_dir {shlex.quote(out)} "
-              f"--instruction {shlex.quote('Solve the math word problem step by step.')} "
-              f"--input {shlex.quote('Tom has 12 apples and buys 7 more. How many apples does he have?')}")
+        example = summary["example"]
+        command = (f"python generate.py --lora_dir {shlex.quote(out)} "
+                   f"--instruction {shlex.quote(example['instruction'])}")
+        if example["input"]:
+            command += f" --input {shlex.quote(example['input'])}"
+        print(f"chat with it:  {command}")
         return 0
 
     return run_cli(run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,10 @@ def check_finetune_args(args: argparse.Namespace) -> None:
 def run_cli(main: Callable[[], int]) -> int:
     """Run an entry point: user mistakes print one ``error:`` line and exit 2; bugs keep their traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Noise users can do nothing about: bitsandbytes' optional CPU kernel probe, and
+    # peft calling a transformers API that transformers has renamed.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return main()
     except UserError as exc:

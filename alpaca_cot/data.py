@@ -177,6 +177,7 @@ class PreparedData:
     validation: Any | None
     manifest: list[dict[str, Any]]  # per source: name, path, records, sha256
     dropped: int  # examples with nothing left to learn after truncation
+    example: dict[str, str]  # the first record, to show how to query the trained model
 
 
 def effective_val_size(requested: int, n_records: int) -> int:
@@ -228,4 +229,4 @@ def prepare_data(
         logger.warning("%d examples dropped: their response starts after --cutoff_len %d", dropped, cutoff_len)
     if len(train) == 0:
         raise UserError(f"--cutoff_len {cutoff_len}: no training example keeps any response token; raise it")
-    return PreparedData(train, validation, manifest, dropped)
+    return PreparedData(train, validation, manifest, dropped, records[0])

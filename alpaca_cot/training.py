@@ -334,6 +334,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "total_params": total,
         "global_batch": global_batch,
         "train_examples": len(data.train),
+        "train_seconds": result.metrics.get("train_runtime"),
+        "example": data.example,
         "heldout_before": before.accuracy if before else None,
     }
     manifest = {

@@ -59,21 +59,31 @@ def tiny_tokenizer():
     return _train_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
-    """Folder of a 2-layer random-weight LlamaForCausalLM and its tokenizer."""
+def _save_tiny_llama(folder: Path, tokenizer, hidden: int, kv_heads: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                         tie_word_embeddings=False,
                          initializer_range=0.3)  # large enough that a frozen lm_head can express a fit
-    folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Folder of a 2-layer random-weight LlamaForCausalLM (hidden 32, GQA) and its tokenizer."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer, hidden=32, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Like ``tiny_llama`` with every Linear at least 128 wide: bitsandbytes' 4-bit CPU kernels need that."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-wide"), tiny_tokenizer, hidden=128, kv_heads=4)
 
 
 @pytest.fixture()

@@ -32,7 +32,8 @@ def test_training_lowers_the_loss_and_saves_a_complete_run(tiny_llama, sample_fi
                   "--lora_target_modules", "all",
                   "--lora_r", "16", "--logging_steps", "1", "--save_steps", "40") == 0
     printed = capsys.readouterr().out
-    assert "trained 40 steps" in printed and f"python generate.py --lora_dir {out}" in printed
+    assert "trained 40 steps" in printed
+    assert f"python generate.py --lora_dir {out} --instruction 'Add the numbers.' --input '1 and 2'" in printed
     losses = _logged_losses(out)
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5  # the loss really falls
@@ -148,3 +149,28 @@ def test_generate_reads_instructions_from_stdin(tiny_llama, sample_file, tmp_pat
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) >= 2
+
+
+def test_qlora_on_the_cpu_trains_and_reloads_quantized(tiny_llama_wide, sample_file, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    assert _train(tiny_llama_wide, sample_file, out, "--quantization_bit", "4", "--max_steps", "2") == 0
+    assert json.loads((out / RUN_MANIFEST).read_text())["quantization_bit"] == 4
+    capsys.readouterr()
+    assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
+
+
+def test_wandb_logs_offline_without_a_key_and_never_blocks(tiny_llama, sample_file, tmp_path):
+    pytest.importorskip("wandb")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc login either
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "uniform_finetune.py", "--model_name_or_path", str(tiny_llama), "--data", str(sample_file),
+         "--output_dir", str(out), "--report_to", "wandb", "--max_steps", "2", "--val_set_size", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "logging offline" in result.stderr
+    assert list((out / "wandb").glob("offline-run-*"))
