@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -183,7 +184,8 @@ def check_finetune_args(args: argparse.Namespace) -> None:
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run an entry point: user mistakes print one ``error:`` line and exit 2; bugs keep their traceback."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s", stream=sys.stderr)
     # Noise users can do nothing about: bitsandbytes' optional CPU kernel probe, and
     # peft calling a transformers API that transformers has renamed.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

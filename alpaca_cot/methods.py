@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import UserError, unknown_name
 from .models import ModelFamily, linear_module_names
+from .registry import build_registry
 
 logger = logging.getLogger(__name__)
 
@@ -109,16 +110,9 @@ class PeftMethod:
     uses_lora_targets: bool = False
 
 
-def _registry(*methods: PeftMethod) -> dict[str, PeftMethod]:
-    table: dict[str, PeftMethod] = {}
-    for method in methods:
-        if method.name in table:
-            raise ValueError(f"PEFT method {method.name!r} registered twice")
-        table[method.name] = method
-    return table
 
-
-METHODS: dict[str, PeftMethod] = _registry(
+METHODS: dict[str, PeftMethod] = build_registry(
+    "PEFT method",
     PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers", uses_lora_targets=True),
     PeftMethod("adalora", _adalora, "AdaLoRA: LoRA whose rank budget is reallocated while training",
                uses_lora_targets=True),

@@ -17,6 +17,7 @@ from typing import Any
 
 from .embedded import EMBEDDED_MODELS, resolve_embedded_model
 from .errors import UserError, unknown_name
+from .registry import build_registry
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -37,16 +38,9 @@ class ModelFamily:
     preferred_dtype: str | None = None  # e.g. a family unstable in fp16
 
 
-def _registry(*families: ModelFamily) -> dict[str, ModelFamily]:
-    table: dict[str, ModelFamily] = {}
-    for family in families:
-        if family.name in table:
-            raise ValueError(f"model family {family.name!r} registered twice")
-        table[family.name] = family
-    return table
 
-
-FAMILIES: dict[str, ModelFamily] = _registry(
+FAMILIES: dict[str, ModelFamily] = build_registry(
+    "model family",
     # LLaMA 1/2/3, Vicuna, SmolLM: the original padded with id 0 (<unk>).
     ModelFamily(name="llama", config_model_types=("llama",), lora_targets=("q_proj", "v_proj")),
 )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import unknown_name
+from .registry import build_registry
 
 Role = Literal["user", "assistant"]
 EOS = object()  # marker segment: the tokenizer's EOS *id* (the original appended "</s>" as text)
@@ -82,16 +83,9 @@ class Template:
         return segments
 
 
-def _registry(*templates: Template) -> dict[str, Template]:
-    table: dict[str, Template] = {}
-    for template in templates:
-        if template.name in table:
-            raise ValueError(f"template {template.name!r} registered twice")
-        table[template.name] = template
-    return table
 
-
-TEMPLATES: dict[str, Template] = _registry(
+TEMPLATES: dict[str, Template] = build_registry(
+    "template",
     Template(
         name="alpaca",
         header=(

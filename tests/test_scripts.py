@@ -174,3 +174,17 @@ def test_wandb_logs_offline_without_a_key_and_never_blocks(tiny_llama, sample_fi
     assert result.returncode == 0, result.stderr[-2000:]
     assert "logging offline" in result.stderr
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_small_data_with_the_original_val_set_size_evaluates_instead_of_crashing(tiny_llama, tmp_path):
+    records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i}"} for i in range(40)]
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "run"
+    # --val_set_size 2000 on 40 records: capped to 4; eval/save intervals derived from the run length.
+    argv = ["--model_name_or_path", str(tiny_llama), "--data", str(data), "--output_dir", str(out),
+            "--report_to", "none", "--val_set_size", "2000", "--epochs", "1", "--gradient_accumulation_steps", "1"]
+    assert uniform_finetune.main(argv) == 0
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    assert state["global_step"] == 9  # ceil(36 / 4)
