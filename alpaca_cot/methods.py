@@ -107,15 +107,15 @@ class PeftMethod:
     build_config: Callable[[Namespace, ModelFamily, Any, int], Any]  # (args, family, model, total_steps)
     description: str
     gradient_checkpointing: bool = True  # prefix tuning's past_key_values break checkpointing
-    uses_lora_targets: bool = False
+    reallocates_rank: bool = False  # AdaLoRA: the trainer must call update_and_allocate every step
 
 
 
 METHODS: dict[str, PeftMethod] = build_registry(
     "PEFT method",
-    PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers", uses_lora_targets=True),
+    PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers"),
     PeftMethod("adalora", _adalora, "AdaLoRA: LoRA whose rank budget is reallocated while training",
-               uses_lora_targets=True),
+               reallocates_rank=True),
     PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input"),
     PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder"),
     PeftMethod("prefix", _prefix, "prefix tuning (with projection): learned key/value prefixes in every layer",

@@ -214,10 +214,63 @@ def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, A
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _prepare_for_training(model: Any, args: Namespace, method_allows_checkpointing: bool) -> Any:
+    """The original's "prepare for training": k-bit preparation, gradient checkpointing without cache."""
+    use_checkpointing = args.gradient_checkpointing and method_allows_checkpointing
+    if args.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_checkpointing)
+    elif use_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if use_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has_validation: bool, fp16: bool,
+                        bf16: bool, report_to: list[str]) -> Any:
+    """Trainer settings from the flags; intervals scale with the run so small data never gets a 0 interval."""
+    import torch
+    from transformers import TrainingArguments
+
+    interval = args.save_steps or max(1, total_steps // 10)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.per_gpu_train_batch_size,
+        per_device_eval_batch_size=args.per_gpu_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(100, total_steps // 10),
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps or max(1, min(10, total_steps // 50)),
+        save_strategy="steps",
+        save_steps=interval,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=interval if has_validation else None,
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="eval_loss" if has_validation else None,
+        fp16=fp16,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=report_to,
+        disable_tqdm=True,  # LossProgressCallback draws the one bar
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
+        log_level="warning" if is_main_process() else "error",
+    )
+
+
 def run_finetune(args: Namespace) -> dict[str, Any]:
     """Train as the flags say; return a summary (losses, held-out metric, output folder)."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     started = time.time()
     # Everything cheap is checked before the model is loaded.
@@ -257,56 +310,17 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         logger.info("scoring %d held-out records before training", len(heldout))
         before = exact_match(LoadedModel(model, tokenizer, family, template, args.model_name_or_path), heldout)
 
-    use_checkpointing = args.gradient_checkpointing and method.gradient_checkpointing
-    if args.quantization_bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=use_checkpointing)
-    elif use_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if use_checkpointing:
-        model.config.use_cache = False
-
+    model = _prepare_for_training(model, args, method.gradient_checkpointing)
     from peft import get_peft_model
 
     model = get_peft_model(model, peft_config)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    interval = args.save_steps or max(1, total_steps // 10)
     has_validation = data.validation is not None and len(data.validation) > 0
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=args.per_gpu_train_batch_size,
-        per_device_eval_batch_size=args.per_gpu_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        warmup_steps=min(100, total_steps // 10),
-        lr_scheduler_type="linear",
-        logging_steps=args.logging_steps or max(1, min(10, total_steps // 50)),
-        save_strategy="steps",
-        save_steps=interval,
-        save_total_limit=args.save_total_limit,
-        eval_strategy="steps" if has_validation else "no",
-        eval_steps=interval if has_validation else None,
-        load_best_model_at_end=has_validation,
-        metric_for_best_model="eval_loss" if has_validation else None,
-        fp16=fp16,
-        bf16=bf16,
-        use_cpu=not on_cuda,
-        seed=args.seed,
-        data_seed=args.seed,
-        report_to=report_to,
-        disable_tqdm=True,  # LossProgressCallback draws the one bar
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False if ranks > 1 else None,
-        log_level="warning" if is_main_process() else "error",
-    )
+    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to)
     callbacks: list[TrainerCallback] = [LossProgressCallback()]
-    if method.name == "adalora":
+    if method.reallocates_rank:
         callbacks.append(AdaLoraBudgetCallback(model))
     trainer = Trainer(
         model=model,

@@ -188,3 +188,13 @@ def test_small_data_with_the_original_val_set_size_evaluates_instead_of_crashing
     state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     assert any("eval_loss" in entry for entry in state["log_history"])
     assert state["global_step"] == 9  # ceil(36 / 4)
+
+
+def test_adalora_really_reallocates_the_rank_budget(tiny_llama, sample_file, tmp_path):
+    out = tmp_path / "adalora"
+    assert _train(tiny_llama, sample_file, out, "--peft_type", "adalora", "--max_steps", "12",
+                  "--adalora_tinit", "2", "--adalora_tfinal", "2", "--adalora_delta_t", "1",
+                  "--adalora_init_r", "8", "--lora_r", "2") == 0
+    rank_pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert rank_pattern, "the budget was never reallocated"
+    assert sum(sum(mask) for mask in rank_pattern.values()) < 8 * len(rank_pattern)
