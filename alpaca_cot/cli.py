@@ -79,6 +79,16 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model an inference script serves: a run folder, optionally overridden."""
+    g = p.add_argument_group("model")
+    g.add_argument("--lora_dir", help="folder written by uniform_finetune.py (omit to use the base model alone)")
+    g.add_argument("--model_name_or_path", help="base model (default: the one the adapter was trained on)")
+    g.add_argument("--model_type", help="model family (default: from the run, else detected)")
+    g.add_argument("--template", help="prompt template (default: the run's)")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow code shipped in the checkpoint to run")
+
+
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     """Generation flags of every inference script; greedy unless a temperature is given."""
     g = p.add_argument_group("generation")

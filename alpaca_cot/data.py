@@ -58,25 +58,25 @@ def read_records(path: Path) -> list[Any]:
     return records
 
 
-def _record_problem(record: Any) -> str | None:
+def _record_problem(record: Any, required: tuple[str, ...]) -> str | None:
     if not isinstance(record, dict):
         return f"is a {type(record).__name__}, not an object"
-    for key in ("instruction", "output"):
+    for key in required:
         if key not in record:
             return f"has no {key!r} key (keys: {', '.join(record) or 'none'})"
-        if not isinstance(record[key], str):
+    for key in ("instruction", "input", "output"):
+        if record.get(key) is not None and not isinstance(record[key], str):
             return f"{key!r} is a {type(record[key]).__name__}, not a string"
-    if not isinstance(record.get("input") or "", str):
-        return f"'input' is a {type(record['input']).__name__}, not a string"
-    if not record["instruction"].strip() or not record["output"].strip():
-        return "has an empty 'instruction' or 'output'"
+    if any(not record[key].strip() for key in required):
+        return f"has an empty {' or '.join(repr(k) for k in required)}"
     return None
 
 
-def load_records(path: Path) -> list[dict[str, str]]:
+def load_records(path: Path, required: tuple[str, ...] = ("instruction", "output")) -> list[dict[str, str]]:
     """Read and check ``path``; return records with ``instruction``, ``input``, ``output``.
 
     Every bad record is counted and the first few are named (by index) in one error.
+    Prediction needs only ``required=("instruction",)``; a missing output becomes "".
     """
     raw = read_records(path)
     if not isinstance(raw, list):
@@ -86,19 +86,19 @@ def load_records(path: Path) -> list[dict[str, str]]:
     problems = []
     records = []
     for index, record in enumerate(raw):
-        problem = _record_problem(record)
+        problem = _record_problem(record, required)
         if problem:
             problems.append(f"record {index} {problem}")
         else:
-            records.append(
-                {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
-            )
+            records.append({"instruction": record["instruction"], "input": record.get("input") or "",
+                            "output": record.get("output") or ""})
     if problems:
         listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
         more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        needs = " and ".join(repr(k) for k in required)
         raise UserError(
             f"{path}: {len(problems)} of {len(raw)} records are invalid: {listed}{more}; "
-            "each record needs string 'instruction' and 'output' (and optional 'input')"
+            f"each record needs string {needs} (and optional 'input')"
         )
     return records
 

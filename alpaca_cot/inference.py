@@ -61,8 +61,12 @@ def load_for_inference(
     model_type: str | None = None,
     template: str | None = None,
     trust_remote_code: bool = False,
+    quantized: bool = True,
 ) -> LoadedModel:
-    """Load base model (+ adapter from ``lora_dir``); explicit arguments override the saved run."""
+    """Load base model (+ adapter from ``lora_dir``); explicit arguments override the saved run.
+
+    ``quantized=False`` loads a base that was trained in 4/8 bit at full precision (for merging).
+    """
     import torch
 
     manifest: dict[str, Any] = {}
@@ -85,7 +89,8 @@ def load_for_inference(
     dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     tokenizer_source = lora_dir if lora_dir and (Path(lora_dir) / "tokenizer_config.json").is_file() else model_path
     tokenizer = load_tokenizer(tokenizer_source, family, trust_remote_code)
-    model = load_model(model_path, family, dtype, manifest.get("quantization_bit"), device_map={"": device},
+    quantization_bit = manifest.get("quantization_bit") if quantized else None
+    model = load_model(model_path, family, dtype, quantization_bit, device_map={"": device},
                        trust_remote_code=trust_remote_code)
     if lora_dir is not None:
         from peft import PeftModel
@@ -93,6 +98,22 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, lora_dir)
     model.eval()
     return LoadedModel(model, tokenizer, family, prompt_format, base)
+
+
+def load_from_args(args: Any) -> LoadedModel:
+    """``load_for_inference`` from the flags of ``cli.add_model_arguments``."""
+    if args.lora_dir is None and args.model_name_or_path is None:
+        raise UserError("give --lora_dir (a trained adapter) or --model_name_or_path (a base model)")
+    return load_for_inference(args.lora_dir, args.model_name_or_path, args.model_type, args.template,
+                              args.trust_remote_code)
+
+
+def generation_config_from_args(loaded: LoadedModel, args: Any) -> Any:
+    """``build_generation_config`` from the flags of ``cli.add_generation_arguments``."""
+    return build_generation_config(
+        loaded, args.preset, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size)
 
 
 def build_generation_config(loaded: LoadedModel, preset: str = "greedy", **overrides: Any) -> Any:

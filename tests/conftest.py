@@ -92,3 +92,13 @@ def sample_file(tmp_path) -> Path:
     path = tmp_path / "sample.json"
     path.write_text(json.dumps(SAMPLE_RECORDS), encoding="utf-8")
     return path
+
+
+def train_tiny(model_dir: Path, data: Path, out: Path, *extra: str) -> int:
+    """Run uniform_finetune.main on a tiny model with small, fast settings; returns the exit code."""
+    import uniform_finetune
+
+    argv = ["--model_name_or_path", str(model_dir), "--data", str(data), "--output_dir", str(out),
+            "--report_to", "none", "--val_set_size", "0", "--per_gpu_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--cutoff_len", "512", *extra]
+    return uniform_finetune.main(argv)

@@ -12,13 +12,7 @@ import generate
 import uniform_finetune
 from alpaca_cot.inference import RUN_MANIFEST
 from tests.conftest import ROOT
-
-
-def _train(tiny_llama, data, out, *extra):
-    argv = ["--model_name_or_path", str(tiny_llama), "--data", str(data), "--output_dir", str(out),
-            "--report_to", "none", "--val_set_size", "0", "--per_gpu_train_batch_size", "2",
-            "--gradient_accumulation_steps", "1", "--cutoff_len", "512", *extra]
-    return uniform_finetune.main(argv)
+from tests.conftest import train_tiny as _train
 
 
 def _logged_losses(out):

@@ -1,0 +1,61 @@
+"""merge.py: folded weights equal base + adapter, reload in plain transformers, clear refusals."""
+
+import pytest
+import torch
+
+import merge
+from tests.conftest import train_tiny
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[1, 5, 9, 17, 33, 2]])).logits
+
+
+@pytest.mark.parametrize("peft_type", ["lora", "adalora"])
+def test_merged_model_matches_base_plus_adapter(peft_type, tiny_llama, sample_file, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    assert train_tiny(tiny_llama, sample_file, run, "--peft_type", peft_type, "--max_steps", "3",
+                      "--learning_rate", "1e-2", "--lora_target_modules", "all") == 0
+    assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 0
+    assert f"merged model saved to {merged}" in capsys.readouterr().out
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run).eval()
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()  # plain transformers, no peft
+    assert torch.allclose(_logits(plain), _logits(adapted), atol=1e-4)
+    assert not torch.allclose(_logits(plain), _logits(AutoModelForCausalLM.from_pretrained(tiny_llama).eval()),
+                              atol=1e-4)  # the adapter really changed something
+    assert AutoTokenizer.from_pretrained(merged).eos_token == "</s>"  # the tokenizer travels along
+
+
+def test_qlora_run_merges_into_a_full_precision_base(tiny_llama_wide, sample_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    assert train_tiny(tiny_llama_wide, sample_file, run, "--quantization_bit", "4", "--max_steps", "2") == 0
+    assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert torch.isfinite(_logits(model)).all()
+
+
+def test_prompt_learning_adapters_are_refused(tiny_llama, sample_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_tiny(tiny_llama, sample_file, run, "--peft_type", "prompt", "--max_steps", "1",
+                      "--num_virtual_tokens", "4") == 0
+    assert merge.main(["--lora_dir", str(run), "--merged_dir", str(tmp_path / "m")]) == 2
+    assert "cannot be folded into the base" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_existing_output_folder_is_never_overwritten(tiny_llama, sample_file, tmp_path, capsys):
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    merged.mkdir()
+    (merged / "keep.txt").write_text("mine")
+    assert train_tiny(tiny_llama, sample_file, run, "--max_steps", "1") == 0
+    assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (merged / "keep.txt").read_text() == "mine"
