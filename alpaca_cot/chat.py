@@ -84,8 +84,12 @@ class ChatSession:
         ids, dropped = fit_history(self.loaded, messages, max(budget, 16))
         if dropped:
             logger.info("history trimmed: %d oldest messages no longer fit the context", dropped)
-        pieces = []
+        pieces: list[str] = []
         for piece in stream_generate(self.loaded, ids, self.generation_config):
+            if not pieces:
+                piece = piece.lstrip()  # the template leaves the answer's leading space/newline to the model
+                if not piece:
+                    continue
             pieces.append(piece)
             yield piece
         self.history += [Message("user", text), Message("assistant", "".join(pieces).strip())]

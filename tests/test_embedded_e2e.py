@@ -48,3 +48,11 @@ def test_resume_on_the_embedded_model_continues_with_the_same_loss(tmp_path):
         return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
     assert abs(losses(resumed)[2] - losses(straight)[2]) < 1e-4
+
+
+def test_console_chat_remembers_the_first_turn():
+    session = _run("server.py", "--model_name_or_path", "smollm2-135m-instruct", "--max_new_tokens", "24",
+                   stdin="My name is Zorblax. Please remember it.\nWhat is my name?\nstop\n")
+    assert session.returncode == 0, session.stderr[-2000:]
+    replies = session.stdout.strip().splitlines()
+    assert "Zorblax" in replies[-1]  # turn 2 answered from turn 1's context
