@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from alpaca_cot.merging import merge_adapter
 
-        target = merge_adapter(args.lora_dir, args.merged_dir, args.model_name_or_path, args.model_type,
+        result = merge_adapter(args.lora_dir, args.merged_dir, args.model_name_or_path, args.model_type,
                                args.trust_remote_code)
-        print(f"merged model saved to {target}")
+        print(f"merged model saved to {result.path} (check: max logit difference vs base + adapter "
+              f"{result.max_logit_difference:.2e}, tolerance {result.tolerance:g})")
         return 0
 
     return run_cli(run)

@@ -11,12 +11,26 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 from .inference import load_for_inference
 
 logger = logging.getLogger(__name__)
+
+# Largest max-abs logit difference accepted between merged and base + adapter, by compute dtype.
+MERGE_TOLERANCE = {"torch.float32": 1e-3, "torch.bfloat16": 0.25, "torch.float16": 0.05}
+
+
+@dataclass
+class MergeResult:
+    """Where the merged model went and how closely it matches base + adapter."""
+
+    path: Path
+    max_logit_difference: float
+    tolerance: float
 
 
 def merge_adapter(
@@ -25,7 +39,7 @@ def merge_adapter(
     model_name_or_path: str | None = None,
     model_type: str | None = None,
     trust_remote_code: bool = False,
-) -> Path:
+) -> MergeResult:
     """Merge ``lora_dir`` into its base and write model + tokenizer to ``merged_dir`` (atomically)."""
     target = Path(merged_dir)
     if target.exists() and any(target.iterdir()):
@@ -39,7 +53,14 @@ def merge_adapter(
             f"--lora_dir: a {config.peft_type.value} adapter adds virtual tokens instead of changing weights, "
             "so it cannot be folded into the base; serve it with --lora_dir instead"
         )
+    probe = _probe_ids(loaded)
+    expected = _logits(loaded.model, probe)
     model = loaded.model.merge_and_unload()
+    difference = (_logits(model, probe) - expected).abs().max().item()
+    tolerance = MERGE_TOLERANCE[str(expected.dtype)]
+    if not difference <= tolerance:  # also catches NaN
+        raise RuntimeError(f"merged model disagrees with base + adapter: max logit difference {difference:.3g} "
+                           f"> {tolerance:g}; nothing was saved")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -51,4 +72,18 @@ def merge_adapter(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("merged %s into %s -> %s", lora_dir, loaded.base_model, target)
-    return target
+    return MergeResult(target, difference, tolerance)
+
+
+def _probe_ids(loaded: Any) -> Any:
+    import torch
+
+    ids = loaded.tokenizer("Below is an instruction. Merging must not change a single answer.")["input_ids"]
+    return torch.tensor([ids], device=next(loaded.model.parameters()).device)
+
+
+def _logits(model: Any, ids: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()

@@ -21,7 +21,7 @@ def test_merged_model_matches_base_plus_adapter(peft_type, tiny_llama, sample_fi
     assert train_tiny(tiny_llama, sample_file, run, "--peft_type", peft_type, "--max_steps", "3",
                       "--learning_rate", "1e-2", "--lora_target_modules", "all") == 0
     assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 0
-    assert f"merged model saved to {merged}" in capsys.readouterr().out
+    assert f"merged model saved to {merged} (check: max logit difference" in capsys.readouterr().out
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run).eval()
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()  # plain transformers, no peft
     assert torch.allclose(_logits(plain), _logits(adapted), atol=1e-4)
@@ -59,3 +59,23 @@ def test_existing_output_folder_is_never_overwritten(tiny_llama, sample_file, tm
     assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (merged / "keep.txt").read_text() == "mine"
+
+
+def test_merged_model_can_be_fine_tuned_again(tiny_llama, sample_file, tmp_path):
+    run, merged, again = tmp_path / "run", tmp_path / "merged", tmp_path / "again"
+    assert train_tiny(tiny_llama, sample_file, run, "--max_steps", "1") == 0
+    assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 0
+    assert train_tiny(merged, sample_file, again, "--max_steps", "1") == 0
+    assert (again / "adapter_model.safetensors").is_file()
+
+
+def test_a_merge_that_changes_the_answers_is_refused(tiny_llama, sample_file, tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    assert train_tiny(tiny_llama, sample_file, run, "--max_steps", "2", "--learning_rate", "1e-2") == 0
+    # A broken merge (here: one that drops the adapter) must fail loudly and save nothing.
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *args, **kwargs: self.unload())
+    with pytest.raises(RuntimeError, match="merged model disagrees with base \\+ adapter"):
+        merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)])
+    assert not merged.exists()
