@@ -199,6 +199,7 @@ def run_cli(main: Callable[[], int]) -> int:
     # Noise users can do nothing about: bitsandbytes' optional CPU kernel probe, and
     # peft calling a transformers API that transformers has renamed.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up self-checks
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         return main()

@@ -140,15 +140,20 @@ def prompt_ids(loaded: LoadedModel, messages: list[Message], input_text: str = "
     return ids
 
 
-def generate_batch(
+def generate_token_ids(
     loaded: LoadedModel, prompts: list[list[int]], generation_config: Any, batch_size: int = 8
-) -> list[str]:
-    """Answer each prompt (token ids); batches are left-padded so every answer starts at the same column."""
+) -> list[list[int]]:
+    """New token ids for each prompt, up to and including its first EOS.
+
+    Batches are left-padded so every answer starts at the same column.
+    """
     import torch
 
     tokenizer, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
-    answers: list[str] = []
+    eos_ids = set(generation_config.eos_token_id if isinstance(generation_config.eos_token_id, list)
+                  else [generation_config.eos_token_id])
+    answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         width = max(len(ids) for ids in batch)
@@ -160,9 +165,18 @@ def generate_batch(
         with torch.no_grad():
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=generation_config)
-        for row in output[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        for row in output[:, width:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+            answers.append(row[:end])  # what follows the first EOS is padding
     return answers
+
+
+def generate_batch(
+    loaded: LoadedModel, prompts: list[list[int]], generation_config: Any, batch_size: int = 8
+) -> list[str]:
+    """Answer each prompt (token ids) as text."""
+    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in generate_token_ids(loaded, prompts, generation_config, batch_size)]
 
 
 def answer(loaded: LoadedModel, instruction: str, input_text: str = "", generation_config: Any = None) -> str:
