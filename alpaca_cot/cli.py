@@ -53,6 +53,8 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=16)
     g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--use_dora", action="store_true", help="LoRA: DoRA's magnitude/direction decomposition")
+    g.add_argument("--use_rslora", action="store_true", help="LoRA: rank-stabilised scaling alpha/sqrt(r)")
     g.add_argument("--adalora_init_r", type=int, default=12)
     g.add_argument("--adalora_tinit", type=int, default=200)
     g.add_argument("--adalora_tfinal", type=int, default=1000)

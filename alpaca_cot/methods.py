@@ -44,6 +44,8 @@ def _lora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) ->
         lora_dropout=args.lora_dropout,
         target_modules=lora_targets(args, family, model),
         bias="none",
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
     )
 
 
@@ -70,6 +72,13 @@ def _adalora(args: Namespace, family: ModelFamily, model: Any, total_steps: int)
         lora_dropout=args.lora_dropout,
         target_modules=lora_targets(args, family, model),
     )
+
+
+def _ia3(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+    from peft import IA3Config
+
+    return IA3Config(task_type="CAUSAL_LM", target_modules=list(family.ia3_targets),
+                     feedforward_modules=list(family.ia3_feedforward))
 
 
 def _prompt(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
@@ -116,6 +125,7 @@ METHODS: dict[str, PeftMethod] = build_registry(
     PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers"),
     PeftMethod("adalora", _adalora, "AdaLoRA: LoRA whose rank budget is reallocated while training",
                reallocates_rank=True),
+    PeftMethod("ia3", _ia3, "IA3: learned rescaling of keys, values and feed-forward activations"),
     PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input"),
     PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder"),
     PeftMethod("prefix", _prefix, "prefix tuning (with projection): learned key/value prefixes in every layer",

@@ -30,6 +30,8 @@ class ModelFamily:
     name: str
     config_model_types: tuple[str, ...]  # `model_type` values in config.json that mean this family
     lora_targets: tuple[str, ...]  # default --lora_target_modules
+    ia3_targets: tuple[str, ...]  # IA3 rescales these (attention keys/values and the MLP's output)
+    ia3_feedforward: tuple[str, ...]  # the subset of ia3_targets that are feed-forward layers
     template: str = "alpaca"  # default --template
     model_class: str = "AutoModelForCausalLM"  # transformers class that loads it
     trust_remote_code: bool = False  # the checkpoint ships its own modelling code
@@ -42,7 +44,8 @@ class ModelFamily:
 FAMILIES: dict[str, ModelFamily] = build_registry(
     "model family",
     # LLaMA 1/2/3, Vicuna, SmolLM: the original padded with id 0 (<unk>).
-    ModelFamily(name="llama", config_model_types=("llama",), lora_targets=("q_proj", "v_proj")),
+    ModelFamily(name="llama", config_model_types=("llama",), lora_targets=("q_proj", "v_proj"),
+                ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
 )
 
 

@@ -30,6 +30,14 @@ def test_train_save_reload_generate_in_a_fresh_process(tmp_path):
                 "--max_new_tokens", "24")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip()  # a real model says something
+    # Folded into the embedded (GGUF-converted) base, the plain checkpoint gives the same greedy answer.
+    merged = tmp_path / "merged"
+    merging = _run("merge.py", "--lora_dir", str(out), "--merged_dir", str(merged))
+    assert merging.returncode == 0, merging.stderr[-2000:]
+    plain = _run("generate.py", "--model_name_or_path", str(merged), "--instruction",
+                 "Solve the math word problem step by step.", "--input",
+                 "Tom has 3 apples and buys 2 more. How many apples does he have?", "--max_new_tokens", "24")
+    assert plain.returncode == 0 and plain.stdout == chat.stdout
 
 
 def test_resume_on_the_embedded_model_continues_with_the_same_loss(tmp_path):

@@ -12,14 +12,23 @@ def _logits(model):
         return model(input_ids=torch.tensor([[1, 5, 9, 17, 33, 2]])).logits
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "adalora"])
-def test_merged_model_matches_base_plus_adapter(peft_type, tiny_llama, sample_file, tmp_path, capsys):
+LINEAR_METHODS = {
+    "lora": ["--peft_type", "lora", "--lora_target_modules", "all"],
+    "dora": ["--peft_type", "lora", "--use_dora"],
+    "rslora": ["--peft_type", "lora", "--use_rslora"],
+    "adalora": ["--peft_type", "adalora", "--lora_target_modules", "all"],
+    "ia3": ["--peft_type", "ia3"],
+}
+
+
+@pytest.mark.parametrize("method", LINEAR_METHODS)
+def test_merged_model_matches_base_plus_adapter(method, tiny_llama, sample_file, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, merged = tmp_path / "run", tmp_path / "merged"
-    assert train_tiny(tiny_llama, sample_file, run, "--peft_type", peft_type, "--max_steps", "3",
-                      "--learning_rate", "1e-2", "--lora_target_modules", "all") == 0
+    assert train_tiny(tiny_llama, sample_file, run, *LINEAR_METHODS[method], "--max_steps", "3",
+                      "--learning_rate", "5e-2") == 0
     assert merge.main(["--lora_dir", str(run), "--merged_dir", str(merged)]) == 0
     assert f"merged model saved to {merged} (check: max logit difference" in capsys.readouterr().out
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run).eval()

@@ -64,7 +64,7 @@ def test_plain_peft_loads_the_adapter_and_generate_reads_the_run(tiny_llama, sam
     assert capsys.readouterr().out == first  # greedy: reproducible
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "adalora", "prompt", "p_tuning", "prefix"])
+@pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "prompt", "p_tuning", "prefix"])
 def test_every_original_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_file, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -74,7 +74,7 @@ def test_every_original_method_trains_saves_and_reloads(peft_type, tiny_llama, s
                   "--num_virtual_tokens", "4", "--prompt_encoder_hidden_size", "16") == 0
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
     assert model.peft_config["default"].peft_type.value.lower().replace("_", "") == {
-        "lora": "lora", "adalora": "adalora", "prompt": "prompttuning", "p_tuning": "ptuning",
+        "lora": "lora", "adalora": "adalora", "ia3": "ia3", "prompt": "prompttuning", "p_tuning": "ptuning",
         "prefix": "prefixtuning"}[peft_type]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
