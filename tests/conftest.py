@@ -102,3 +102,13 @@ def train_tiny(model_dir: Path, data: Path, out: Path, *extra: str) -> int:
             "--report_to", "none", "--val_set_size", "0", "--per_gpu_train_batch_size", "2",
             "--gradient_accumulation_steps", "1", "--cutoff_len", "512", *extra]
     return uniform_finetune.main(argv)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_llama, tmp_path_factory) -> Path:
+    """A run folder (adapter, tokenizer, manifest) trained for 2 steps on the tiny model, for inference tests."""
+    folder = tmp_path_factory.mktemp("tiny-run")
+    data = folder / "train.json"
+    data.write_text(json.dumps(SAMPLE_RECORDS))
+    assert train_tiny(tiny_llama, data, folder / "run", "--max_steps", "2", "--learning_rate", "1e-2") == 0
+    return folder / "run"

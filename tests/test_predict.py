@@ -7,22 +7,8 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import predict
-from tests.conftest import ROOT, train_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama, tmp_path_factory):
-    from tests.conftest import SAMPLE_RECORDS
-
-    folder = tmp_path_factory.mktemp("predict")
-    data = folder / "train.json"
-    data.write_text(json.dumps(SAMPLE_RECORDS))
-    run = folder / "run"
-    assert train_tiny(tiny_llama, data, run, "--max_steps", "2", "--learning_rate", "1e-2") == 0
-    return run
+from tests.conftest import ROOT
 
 
 def _questions(path, n):

@@ -1,27 +1,12 @@
 """server.py: multi-turn history through the template, trimming, a scripted session through a pipe."""
 
-import json
 import subprocess
 import sys
-
-import pytest
 
 from alpaca_cot.chat import ChatSession, fit_history
 from alpaca_cot.inference import build_generation_config, load_for_inference, prompt_ids
 from alpaca_cot.templates import Message
-from tests.conftest import ROOT, train_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama, tmp_path_factory):
-    from tests.conftest import SAMPLE_RECORDS
-
-    folder = tmp_path_factory.mktemp("server")
-    data = folder / "train.json"
-    data.write_text(json.dumps(SAMPLE_RECORDS))
-    run = folder / "run"
-    assert train_tiny(tiny_llama, data, run, "--max_steps", "1") == 0
-    return run
+from tests.conftest import ROOT
 
 
 def test_second_turn_sees_the_first(tiny_run):

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import ROOT, train_tiny
+from tests.conftest import ROOT
 
 pytest.importorskip("gradio")
 
@@ -23,14 +23,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    from tests.conftest import SAMPLE_RECORDS
-
+def server(tiny_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("web")
-    data = folder / "train.json"
-    data.write_text(json.dumps(SAMPLE_RECORDS))
-    run = folder / "run"
-    assert train_tiny(tiny_llama, data, run, "--max_steps", "2", "--learning_rate", "1e-2") == 0
+    run = tiny_run
     port = _free_port()
     log = open(folder / "server.log", "w+")
     process = subprocess.Popen([sys.executable, "web.py", "--lora_dir", str(run), "--port", str(port),
