@@ -55,10 +55,17 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--use_dora", action="store_true", help="LoRA: DoRA's magnitude/direction decomposition")
     g.add_argument("--use_rslora", action="store_true", help="LoRA: rank-stabilised scaling alpha/sqrt(r)")
+    g.add_argument("--loraplus_lr_ratio", type=float, help="LoRA+: learning rate of B = ratio x that of A (e.g. 16)")
     g.add_argument("--adalora_init_r", type=int, default=12)
     g.add_argument("--adalora_tinit", type=int, default=200)
     g.add_argument("--adalora_tfinal", type=int, default=1000)
     g.add_argument("--adalora_delta_t", type=int, default=10)
+    g.add_argument("--bottleneck_size", type=int, default=256, help="houlsby/pfeiffer/parallel: adapter width")
+    g.add_argument("--non_linearity", default="tanh", choices=["tanh", "relu", "gelu", "silu", "sigmoid"])
+    g.add_argument("--adapter_dropout", type=float, default=0.0)
+    g.add_argument("--adapter_scaling", default="1.0", help="multiplier of the adapter output, or 'learned'")
+    g.add_argument("--adapter_init", default="mam_adapter", choices=["mam_adapter", "bert"],
+                   help="mam_adapter: zero up-projection (starts as identity); bert: normal(0, 0.02)")
     g.add_argument("--num_virtual_tokens", type=int, default=20)
     g.add_argument("--prompt_encoder_hidden_size", type=int, default=128)
     g = p.add_argument_group("training")
@@ -173,6 +180,7 @@ def check_finetune_args(args: argparse.Namespace) -> None:
     """Check every flag that can be checked before loading anything; report all problems at once."""
     problems = []
     positive = ["per_gpu_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_r", "lora_alpha",
+                "bottleneck_size",
                 "num_virtual_tokens", "prompt_encoder_hidden_size", "save_total_limit"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -186,6 +194,15 @@ def check_finetune_args(args: argparse.Namespace) -> None:
         problems.append("--epochs must be positive when --max_steps is not set")
     if args.val_set_size < 0 or args.heldout_eval < 0:
         problems.append("--val_set_size and --heldout_eval must be 0 or more")
+    if args.adapter_scaling != "learned":
+        try:
+            float(args.adapter_scaling)
+        except ValueError:
+            problems.append(f"--adapter_scaling must be a number or 'learned' (got {args.adapter_scaling!r})")
+    if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
+        problems.append(f"--loraplus_lr_ratio must be positive (got {args.loraplus_lr_ratio})")
+    if not 0 <= args.adapter_dropout < 1:
+        problems.append(f"--adapter_dropout must be in [0, 1) (got {args.adapter_dropout})")
     if not 0 <= args.lora_dropout < 1:
         problems.append(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
     if not args.data:

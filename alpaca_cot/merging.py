@@ -53,6 +53,11 @@ def merge_adapter(
             f"--lora_dir: a {config.peft_type.value} adapter adds virtual tokens instead of changing weights, "
             "so it cannot be folded into the base; serve it with --lora_dir instead"
         )
+    if not getattr(config, "mergeable", True):
+        raise UserError(
+            f"--lora_dir: a {config.peft_type.value} adapter is non-linear in its input, so it cannot be folded "
+            "into the base weights; serve it with --lora_dir instead"
+        )
     probe = _probe_ids(loaded)
     expected = _logits(loaded.model, probe)
     model = loaded.model.merge_and_unload()

@@ -24,14 +24,7 @@ def lora_targets(args: Namespace, family: ModelFamily, model: Any) -> list[str] 
     requested = list(args.lora_target_modules or family.lora_targets)
     if requested == ["all"]:
         return "all-linear"
-    available = linear_module_names(model)
-    missing = [name for name in requested if name not in available]
-    if missing:
-        raise UserError(
-            f"--lora_target_modules: {', '.join(missing)} not in this model; "
-            f"its Linear layers are: {', '.join(available)} (or use 'all')"
-        )
-    return requested
+    return _checked_targets(requested, model, "--lora_target_modules (or 'all')")
 
 
 def _lora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
@@ -81,6 +74,39 @@ def _ia3(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> 
                      feedforward_modules=list(family.ia3_feedforward))
 
 
+def _checked_targets(requested: list[str], model: Any, flag: str) -> list[str]:
+    available = linear_module_names(model)
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise UserError(f"{flag}: {', '.join(missing)} not in this model; "
+                        f"its Linear layers are: {', '.join(available)}")
+    return requested
+
+
+def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
+    def build(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
+        from alpaca_cot_peft import BottleneckConfig
+
+        default = {"houlsby": family.bottleneck_sequential, "pfeiffer": family.bottleneck_pfeiffer,
+                   "parallel": family.bottleneck_parallel}[kind]
+        targets = _checked_targets(list(args.lora_target_modules or default), model, "--lora_target_modules")
+        scaling = args.adapter_scaling if args.adapter_scaling == "learned" else float(args.adapter_scaling)
+        return BottleneckConfig(
+            task_type="CAUSAL_LM",
+            bottleneck_size=args.bottleneck_size,
+            non_linearity=args.non_linearity,
+            adapter_dropout=args.adapter_dropout,
+            target_modules=targets,
+            input_side_modules=[t for t in targets if t in family.bottleneck_input_side] if kind == "houlsby" else [],
+            use_parallel_adapter=kind == "parallel",
+            use_adapterp=kind == "pfeiffer",
+            scaling=scaling,
+            init_weights=args.adapter_init,
+        )
+
+    return build
+
+
 def _prompt(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
     from peft import PromptTuningConfig
 
@@ -117,15 +143,26 @@ class PeftMethod:
     description: str
     gradient_checkpointing: bool = True  # prefix tuning's past_key_values break checkpointing
     reallocates_rank: bool = False  # AdaLoRA: the trainer must call update_and_allocate every step
+    quantization_bit: int | None = None  # a method defined by its base's precision (qlora)
+    lora_family: bool = False  # has LoRA A/B matrices (--loraplus_lr_ratio applies)
 
 
 
 METHODS: dict[str, PeftMethod] = build_registry(
     "PEFT method",
-    PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers"),
+    PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers", lora_family=True),
+    PeftMethod("qlora", _lora, "QLoRA: LoRA on a 4-bit NF4, double-quantized base (lora --quantization_bit 4)",
+               quantization_bit=4, lora_family=True),
     PeftMethod("adalora", _adalora, "AdaLoRA: LoRA whose rank budget is reallocated while training",
                reallocates_rank=True),
     PeftMethod("ia3", _ia3, "IA3: learned rescaling of keys, values and feed-forward activations"),
+    PeftMethod("houlsby", _bottleneck("houlsby"),
+               "sequential bottleneck adapters (SadapterH), around the MLP layers"),
+    PeftMethod("bottleneck", _bottleneck("houlsby"), "the same as houlsby"),
+    PeftMethod("pfeiffer", _bottleneck("pfeiffer"),
+               "sequential bottleneck adapter (SadapterP) after the MLP output only"),
+    PeftMethod("parallel", _bottleneck("parallel"),
+               "parallel bottleneck adapters (P-adapter) beside the attention projections"),
     PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input"),
     PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder"),
     PeftMethod("prefix", _prefix, "prefix tuning (with projection): learned key/value prefixes in every layer",

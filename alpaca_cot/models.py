@@ -32,6 +32,13 @@ class ModelFamily:
     lora_targets: tuple[str, ...]  # default --lora_target_modules
     ia3_targets: tuple[str, ...]  # IA3 rescales these (attention keys/values and the MLP's output)
     ia3_feedforward: tuple[str, ...]  # the subset of ia3_targets that are feed-forward layers
+    # Bottleneck adapters (the fork's placements): sequential ones on the MLP, input side on the
+    # `bottleneck_input_side` layers and output side on the rest; Pfeiffer on one output layer;
+    # parallel ones beside the attention projections.
+    bottleneck_sequential: tuple[str, ...]
+    bottleneck_input_side: tuple[str, ...]
+    bottleneck_pfeiffer: tuple[str, ...]
+    bottleneck_parallel: tuple[str, ...]
     template: str = "alpaca"  # default --template
     model_class: str = "AutoModelForCausalLM"  # transformers class that loads it
     trust_remote_code: bool = False  # the checkpoint ships its own modelling code
@@ -45,7 +52,10 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
     "model family",
     # LLaMA 1/2/3, Vicuna, SmolLM: the original padded with id 0 (<unk>).
     ModelFamily(name="llama", config_model_types=("llama",), lora_targets=("q_proj", "v_proj"),
-                ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
+                ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
+                bottleneck_sequential=("gate_proj", "up_proj", "down_proj"),
+                bottleneck_input_side=("gate_proj", "up_proj"), bottleneck_pfeiffer=("down_proj",),
+                bottleneck_parallel=("q_proj", "k_proj", "v_proj")),
 )
 
 

@@ -276,6 +276,13 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     # Everything cheap is checked before the model is loaded.
     sources = resolve_data(args.data)
     method = get_method(args.peft_type)
+    if method.quantization_bit:  # qlora = lora on a 4-bit base
+        if args.quantization_bit not in (None, method.quantization_bit):
+            raise UserError(f"--peft_type {method.name} trains on a {method.quantization_bit}-bit base; "
+                            f"drop --quantization_bit {args.quantization_bit}")
+        args.quantization_bit = method.quantization_bit
+    if args.loraplus_lr_ratio is not None and not method.lora_family:
+        raise UserError(f"--loraplus_lr_ratio applies to LoRA methods, not --peft_type {method.name}")
     model_path = resolve_model_path(args.model_name_or_path)
     family = resolve_family(args.model_type, model_path)
     template = get_template(args.template or family.template)
@@ -322,9 +329,17 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     callbacks: list[TrainerCallback] = [LossProgressCallback()]
     if method.reallocates_rank:
         callbacks.append(AdaLoraBudgetCallback(model))
+    optimizer = None
+    if args.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        # LoRA+: the B matrices learn loraplus_lr_ratio times faster than the A matrices.
+        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.learning_rate,
+                                              loraplus_lr_ratio=args.loraplus_lr_ratio)
     trainer = Trainer(
         model=model,
         args=training_args,
+        optimizers=(optimizer, None),
         train_dataset=data.train,
         eval_dataset=data.validation if has_validation else None,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,

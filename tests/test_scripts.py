@@ -46,8 +46,9 @@ def test_training_lowers_the_loss_and_saves_a_complete_run(tiny_llama, sample_fi
 
 
 def test_plain_peft_loads_the_adapter_and_generate_reads_the_run(tiny_llama, sample_file, tmp_path, capsys):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from peft import PeftModel
 
     out = tmp_path / "run"
     assert _train(tiny_llama, sample_file, out, "--max_steps", "2", "--lora_r", "4") == 0
@@ -64,18 +65,22 @@ def test_plain_peft_loads_the_adapter_and_generate_reads_the_run(tiny_llama, sam
     assert capsys.readouterr().out == first  # greedy: reproducible
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "prompt", "p_tuning", "prefix"])
-def test_every_original_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_file, tmp_path):
-    from peft import PeftModel
+@pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "prompt", "p_tuning", "prefix", "houlsby",
+                                       "pfeiffer", "parallel"])
+def test_every_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_file, tmp_path):
+    import alpaca_cot_peft  # noqa: F401 - the bottleneck types need the extension registered
     from transformers import AutoModelForCausalLM
+
+    from peft import PeftModel
 
     out = tmp_path / peft_type
     assert _train(tiny_llama, sample_file, out, "--peft_type", peft_type, "--max_steps", "3",
-                  "--num_virtual_tokens", "4", "--prompt_encoder_hidden_size", "16") == 0
+                  "--num_virtual_tokens", "4", "--prompt_encoder_hidden_size", "16", "--bottleneck_size", "8") == 0
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out)
     assert model.peft_config["default"].peft_type.value.lower().replace("_", "") == {
         "lora": "lora", "adalora": "adalora", "ia3": "ia3", "prompt": "prompttuning", "p_tuning": "ptuning",
-        "prefix": "prefixtuning"}[peft_type]
+        "prefix": "prefixtuning", "houlsby": "bottleneck", "pfeiffer": "bottleneck", "parallel": "bottleneck",
+    }[peft_type]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
@@ -192,3 +197,30 @@ def test_adalora_really_reallocates_the_rank_budget(tiny_llama, sample_file, tmp
     rank_pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
     assert rank_pattern, "the budget was never reallocated"
     assert sum(sum(mask) for mask in rank_pattern.values()) < 8 * len(rank_pattern)
+
+
+def test_qlora_is_lora_on_a_4bit_base_and_loraplus_trains(tiny_llama_wide, sample_file, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    assert _train(tiny_llama_wide, sample_file, out, "--peft_type", "qlora", "--loraplus_lr_ratio", "16",
+                  "--max_steps", "2") == 0
+    manifest = json.loads((out / RUN_MANIFEST).read_text())
+    assert manifest["quantization_bit"] == 4 and manifest["peft_type"] == "qlora"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert _train(tiny_llama_wide, sample_file, tmp_path / "q8", "--peft_type", "qlora",
+                  "--quantization_bit", "8") == 2
+    assert "trains on a 4-bit base" in capsys.readouterr().err
+    assert _train(tiny_llama_wide, sample_file, tmp_path / "p", "--peft_type", "prompt",
+                  "--loraplus_lr_ratio", "16") == 2
+    assert "--loraplus_lr_ratio applies to LoRA methods" in capsys.readouterr().err
+
+
+def test_bottleneck_runs_are_served_but_not_merged(tiny_llama, sample_file, tmp_path, capsys):
+    import merge
+
+    out = tmp_path / "houlsby"
+    assert _train(tiny_llama, sample_file, out, "--peft_type", "houlsby", "--bottleneck_size", "8",
+                  "--max_steps", "2") == 0
+    assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
+    assert merge.main(["--lora_dir", str(out), "--merged_dir", str(tmp_path / "m")]) == 2
+    assert "non-linear in its input, so it cannot be folded" in capsys.readouterr().err

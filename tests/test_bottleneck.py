@@ -1,0 +1,95 @@
+"""The peft/ extension: bottleneck adapters as a PEFT method (placements, init, scaling, save/load)."""
+
+import alpaca_cot_peft  # noqa: F401 - registers PeftType.BOTTLENECK
+import pytest
+import torch
+from alpaca_cot_peft import BottleneckConfig, BottleneckLayer
+from torch import nn
+
+from peft import PeftModel, get_peft_model
+
+
+class TwoLayers(nn.Module):
+    """A tiny model with named Linear layers, so placements can be checked by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.second = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def _bottleneck(**fields):
+    return BottleneckConfig(bottleneck_size=3, target_modules=["first", "second"], **fields)
+
+
+def test_peft_import_is_the_real_peft():
+    import peft
+
+    assert "site-packages" in peft.__file__ or "dist-packages" in peft.__file__
+    assert alpaca_cot_peft.__name__ == "alpaca_cot_peft"
+
+
+@pytest.mark.parametrize("fields", [{}, {"use_parallel_adapter": True}, {"input_side_modules": ["first"]},
+                                    {"scaling": "learned", "bias": "adapter_only"}])
+def test_fresh_adapter_with_zero_up_projection_changes_nothing(fields):
+    torch.manual_seed(0)
+    base, x = TwoLayers(), torch.randn(4, 6)
+    expected = base(x)
+    model = get_peft_model(base, _bottleneck(**fields))
+    assert torch.equal(model(x), expected)
+
+
+def test_placements_follow_their_formulas():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    for fields, placement in [({"input_side_modules": ["first"]}, "input"), ({}, "output"),
+                              ({"use_parallel_adapter": True}, "parallel")]:
+        base = TwoLayers()
+        reference = TwoLayers()
+        reference.load_state_dict(base.state_dict())
+        model = get_peft_model(base, _bottleneck(init_weights="bert", non_linearity="relu", scaling=0.5, **fields))
+        layer = model.base_model.model.first
+        assert isinstance(layer, BottleneckLayer) and layer.bottleneck_placement["default"] == placement
+        down, up = layer.bottleneck_down["default"], layer.bottleneck_up["default"]
+
+        def adapter(h, down=down, up=up):
+            return 0.5 * up(torch.relu(down(h)))
+
+        if placement == "input":
+            expected_first = reference.first(x + adapter(x))
+        elif placement == "output":
+            y = reference.first(x)
+            expected_first = y + adapter(y)
+        else:
+            expected_first = reference.first(x) + adapter(x)
+        assert torch.allclose(layer(x), expected_first, atol=1e-6)
+
+
+def test_only_adapter_parameters_train_and_save_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLayers(), _bottleneck(scaling="learned", init_weights="bert"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("bottleneck_" in n for n in names)
+    assert any("bottleneck_scale" in n for n in names)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
+    x = torch.randn(2, 6)
+    reloaded = PeftModel.from_pretrained(TwoLayers(), tmp_path)
+    reloaded.base_model.model.load_state_dict(
+        {k: v for k, v in model.base_model.model.state_dict().items() if "bottleneck_" not in k}, strict=False)
+    assert torch.allclose(reloaded(x), model(x), atol=1e-6)
+
+
+def test_bad_config_is_reported_in_one_message():
+    with pytest.raises(ValueError, match=r"bottleneck_size must be at least 1.*non_linearity 'swish'"):
+        BottleneckConfig(bottleneck_size=0, non_linearity="swish", target_modules=["first"])
+
+
+def test_merging_is_refused():
+    model = get_peft_model(TwoLayers(), _bottleneck())
+    with pytest.raises(ValueError, match="non-linear"):
+        model.merge_and_unload()
+    assert isinstance(model.unload(), TwoLayers)  # unloading without merging is fine
