@@ -66,6 +66,7 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter_scaling", default="1.0", help="multiplier of the adapter output, or 'learned'")
     g.add_argument("--adapter_init", default="mam_adapter", choices=["mam_adapter", "bert"],
                    help="mam_adapter: zero up-projection (starts as identity); bert: normal(0, 0.02)")
+    g.add_argument("--trainable_layers", type=int, default=2, help="freeze: how many of the last layers train")
     g.add_argument("--num_virtual_tokens", type=int, default=20)
     g.add_argument("--prompt_encoder_hidden_size", type=int, default=128)
     g = p.add_argument_group("training")

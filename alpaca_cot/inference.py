@@ -72,10 +72,16 @@ def load_for_inference(
     manifest: dict[str, Any] = {}
     if lora_dir is not None:
         folder = Path(lora_dir)
-        if not (folder / "adapter_config.json").is_file():
-            raise UserError(f"--lora_dir: {folder} holds no adapter (adapter_config.json missing)")
         manifest = read_run_manifest(folder)
-        if not manifest:
+        if manifest.get("saved") == "model":  # full / freeze runs: the run folder is the checkpoint
+            if model_name_or_path is not None:
+                raise UserError(f"--lora_dir: {folder} holds a whole fine-tuned model, not an adapter; "
+                                "drop --model_name_or_path")
+            manifest = {**manifest, "base_model": str(folder), "quantization_bit": None}
+            lora_dir = None
+        elif not (folder / "adapter_config.json").is_file():
+            raise UserError(f"--lora_dir: {folder} holds no adapter (adapter_config.json missing)")
+        elif not manifest:
             adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
             manifest = {"base_model": adapter_config.get("base_model_name_or_path")}
     base = model_name_or_path or manifest.get("base_model")

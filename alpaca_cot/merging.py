@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .inference import load_for_inference
+from .inference import load_for_inference, read_run_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ def merge_adapter(
     target = Path(merged_dir)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--merged_dir: {target} exists and is not empty; choose a new folder")
+    if read_run_manifest(Path(lora_dir)).get("saved") == "model":
+        raise UserError(f"--lora_dir: {lora_dir} is already a whole fine-tuned model (full/freeze run); "
+                        f"use it directly with --model_name_or_path {lora_dir}")
     # Merging needs full-precision weights: a 4/8-bit base is reloaded unquantized.
     loaded = load_for_inference(lora_dir, model_name_or_path, model_type, trust_remote_code=trust_remote_code,
                                 quantized=False)

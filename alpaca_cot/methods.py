@@ -134,13 +134,39 @@ def _prefix(args: Namespace, family: ModelFamily, model: Any, total_steps: int) 
     )
 
 
+def _full(args: Namespace, model: Any) -> None:
+    model.requires_grad_(True)
+
+
+def _freeze(args: Namespace, model: Any) -> None:
+    """Train only the last ``--trainable_layers`` decoder layers (the rest, embeddings included, stay frozen)."""
+    layers = _decoder_layers(model)
+    if not 1 <= args.trainable_layers <= len(layers):
+        raise UserError(f"--trainable_layers must be between 1 and {len(layers)} (the model's layers), "
+                        f"got {args.trainable_layers}")
+    model.requires_grad_(False)
+    for layer in layers[-args.trainable_layers:]:
+        layer.requires_grad_(True)
+
+
+def _decoder_layers(model: Any) -> Any:
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise UserError("--peft_type freeze: cannot find the model's list of decoder layers")
+    return max(lists, key=len)  # the decoder stack is the longest ModuleList
+
+
 @dataclass(frozen=True)
 class PeftMethod:
     """One ``--peft_type``."""
 
     name: str
-    build_config: Callable[[Namespace, ModelFamily, Any, int], Any]  # (args, family, model, total_steps)
+    # (args, family, model, total_steps) -> a peft config; None for methods that train the model's own weights
+    build_config: Callable[[Namespace, ModelFamily, Any, int], Any] | None
     description: str
+    select_trainable: Callable[[Namespace, Any], None] | None = None  # full / freeze: which own weights train
     gradient_checkpointing: bool = True  # prefix tuning's past_key_values break checkpointing
     reallocates_rank: bool = False  # AdaLoRA: the trainer must call update_and_allocate every step
     quantization_bit: int | None = None  # a method defined by its base's precision (qlora)
@@ -163,6 +189,10 @@ METHODS: dict[str, PeftMethod] = build_registry(
                "sequential bottleneck adapter (SadapterP) after the MLP output only"),
     PeftMethod("parallel", _bottleneck("parallel"),
                "parallel bottleneck adapters (P-adapter) beside the attention projections"),
+    PeftMethod("full", None, "full fine-tuning: every weight trains; the run saves the whole model",
+               select_trainable=_full),
+    PeftMethod("freeze", None, "partial fine-tuning: only the last --trainable_layers decoder layers train",
+               select_trainable=_freeze),
     PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input"),
     PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder"),
     PeftMethod("prefix", _prefix, "prefix tuning (with projection): learned key/value prefixes in every layer",

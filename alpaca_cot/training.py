@@ -214,6 +214,14 @@ def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, A
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; PEFT's count knows how 4-bit weights are packed."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
 def _prepare_for_training(model: Any, args: Namespace, method_allows_checkpointing: bool) -> Any:
     """The original's "prepare for training": k-bit preparation, gradient checkpointing without cache."""
     use_checkpointing = args.gradient_checkpointing and method_allows_checkpointing
@@ -292,7 +300,12 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     on_cuda = torch.cuda.is_available()
     if args.quantization_bit and not on_cuda and args.quantization_bit == 8:
         raise UserError("--quantization_bit 8 needs a CUDA GPU; on the CPU use --quantization_bit 4 or none")
+    if method.select_trainable and args.quantization_bit:
+        raise UserError(f"--peft_type {method.name} trains the model's own weights, which cannot be 4/8-bit; "
+                        "drop --quantization_bit or use lora/qlora")
     load_dtype, fp16, bf16 = _precision(args.compute_dtype, on_cuda)
+    if method.select_trainable and fp16:
+        load_dtype = torch.float32  # fp16 AMP needs fp32 master weights when the weights themselves train
     report_to = _configure_reporting(args.report_to, output_dir)
     logger.info("model %s (family %s, template %s), method %s", model_path, family.name, template.name, method.name)
 
@@ -310,7 +323,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if on_cuda else None
     model = load_model(model_path, family, load_dtype, args.quantization_bit, device_map, args.trust_remote_code)
-    peft_config = method.build_config(args, family, model, total_steps)  # checks target modules
+    peft_config = method.build_config(args, family, model, total_steps) if method.build_config else None
 
     before = None
     if heldout and ranks == 1:
@@ -318,10 +331,13 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         before = exact_match(LoadedModel(model, tokenizer, family, template, args.model_name_or_path), heldout)
 
     model = _prepare_for_training(model, args, method.gradient_checkpointing)
-    from peft import get_peft_model
+    if peft_config is None:  # full / freeze: the model's own weights train
+        method.select_trainable(args, model)
+    else:
+        from peft import get_peft_model
 
-    model = get_peft_model(model, peft_config)
-    trainable, total = model.get_nb_trainable_parameters()
+        model = get_peft_model(model, peft_config)
+    trainable, total = _count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     has_validation = data.validation is not None and len(data.validation) > 0
@@ -374,6 +390,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "model_type": family.name,
         "template": template.name,
         "peft_type": method.name,
+        "saved": "model" if method.select_trainable else "adapter",
         "quantization_bit": args.quantization_bit,
         "trust_remote_code": args.trust_remote_code,
         "settings": vars(args),

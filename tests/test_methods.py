@@ -23,7 +23,7 @@ def _method_args(peft_type: str):
                                 "--adalora_init_r", "4", "--lora_r", "4"])
 
 
-@pytest.mark.parametrize("peft_type", sorted(METHODS))
+@pytest.mark.parametrize("peft_type", sorted(name for name, m in METHODS.items() if m.build_config))
 def test_method_trains_only_its_parameters_and_reloads_identically(peft_type, tiny_llama, tmp_path):
     import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters
 
@@ -66,3 +66,34 @@ def test_method_trains_only_its_parameters_and_reloads_identically(peft_type, ti
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     reloaded = torch.tensor(json.loads(fresh.stdout.strip().splitlines()[-1]))
     assert torch.allclose(reloaded, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("peft_type", ["full", "freeze"])
+def test_full_and_freeze_train_the_models_own_weights(peft_type, tiny_llama, sample_file, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import generate
+    import merge
+    from tests.conftest import train_tiny
+
+    out = tmp_path / peft_type
+    assert train_tiny(tiny_llama, sample_file, out, "--peft_type", peft_type, "--trainable_layers", "1",
+                      "--max_steps", "3", "--learning_rate", "1e-2") == 0
+    before, after = load_file(tiny_llama / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    if peft_type == "full":
+        assert "model.embed_tokens.weight" in changed and any(".layers.0." in n for n in changed)
+    else:  # only the last of the two decoder layers trains
+        assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    AutoModelForCausalLM.from_pretrained(out)  # a plain checkpoint
+    assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
+    assert merge.main(["--lora_dir", str(out), "--merged_dir", str(tmp_path / "m")]) == 2
+    assert "already a whole fine-tuned model" in capsys.readouterr().err
+
+
+def test_full_fine_tuning_refuses_a_quantized_base(tiny_llama, sample_file, tmp_path, capsys):
+    from tests.conftest import train_tiny
+
+    assert train_tiny(tiny_llama, sample_file, tmp_path / "o", "--peft_type", "full", "--quantization_bit", "4") == 2
+    assert "cannot be 4/8-bit" in capsys.readouterr().err
