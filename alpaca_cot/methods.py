@@ -49,7 +49,7 @@ def _adalora(args: Namespace, family: ModelFamily, model: Any, total_steps: int)
     if tinit + tfinal >= total_steps:
         # peft needs a budgeting phase between warm-up and final fine-tuning;
         # keep the original's proportions on a short run instead of failing.
-        tinit, tfinal = max(1, total_steps // 5), max(1, total_steps // 5)
+        tinit, tfinal = total_steps // 5, total_steps // 5
         logger.info("AdaLoRA schedule scaled to this %d-step run: tinit %d, tfinal %d", total_steps, tinit, tfinal)
     return AdaLoraConfig(
         task_type="CAUSAL_LM",

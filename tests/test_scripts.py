@@ -84,6 +84,16 @@ def test_every_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_fil
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
+    assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "houlsby", "parallel", "prompt", "prefix"])
+def test_adapter_methods_train_on_a_4bit_base(peft_type, tiny_llama_wide, sample_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / peft_type
+    assert _train(tiny_llama_wide, sample_file, out, "--peft_type", peft_type, "--quantization_bit", "4",
+                  "--max_steps", "2", "--bottleneck_size", "8", "--num_virtual_tokens", "4") == 0
+    assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
 
 
 def test_resume_gives_the_same_next_step_loss(tiny_llama, sample_file, tmp_path):
