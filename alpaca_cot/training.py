@@ -298,8 +298,6 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
     on_cuda = torch.cuda.is_available()
-    if args.quantization_bit and not on_cuda and args.quantization_bit == 8:
-        raise UserError("--quantization_bit 8 needs a CUDA GPU; on the CPU use --quantization_bit 4 or none")
     if method.select_trainable and args.quantization_bit:
         raise UserError(f"--peft_type {method.name} trains the model's own weights, which cannot be 4/8-bit; "
                         "drop --quantization_bit or use lora/qlora")

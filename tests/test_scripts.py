@@ -160,11 +160,12 @@ def test_generate_reads_instructions_from_stdin(tiny_llama, sample_file, tmp_pat
     assert len(result.stdout.splitlines()) >= 2
 
 
-def test_qlora_on_the_cpu_trains_and_reloads_quantized(tiny_llama_wide, sample_file, tmp_path, capsys):
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_quantized_base_on_the_cpu_trains_and_reloads_quantized(bits, tiny_llama_wide, sample_file, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "qlora"
-    assert _train(tiny_llama_wide, sample_file, out, "--quantization_bit", "4", "--max_steps", "2") == 0
-    assert json.loads((out / RUN_MANIFEST).read_text())["quantization_bit"] == 4
+    assert _train(tiny_llama_wide, sample_file, out, "--quantization_bit", bits, "--max_steps", "2") == 0
+    assert json.loads((out / RUN_MANIFEST).read_text())["quantization_bit"] == int(bits)
     capsys.readouterr()
     assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
 
