@@ -30,7 +30,7 @@ from .data import IGNORE_INDEX, load_records, prepare_data
 from .errors import UserError
 from .evaluation import exact_match
 from .inference import RUN_MANIFEST, LoadedModel
-from .methods import get_method
+from .methods import PeftMethod, get_method
 from .models import load_model, load_tokenizer, resolve_family, resolve_model_path
 from .templates import get_template
 
@@ -214,6 +214,20 @@ def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, A
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _apply_method_constraints(args: Namespace, method: PeftMethod) -> None:
+    """Flags that depend on the method: qlora fixes 4 bits; full/freeze and LoRA+ have limits."""
+    if method.quantization_bit:
+        if args.quantization_bit not in (None, method.quantization_bit):
+            raise UserError(f"--peft_type {method.name} trains on a {method.quantization_bit}-bit base; "
+                            f"drop --quantization_bit {args.quantization_bit}")
+        args.quantization_bit = method.quantization_bit
+    if method.select_trainable and args.quantization_bit:
+        raise UserError(f"--peft_type {method.name} trains the model's own weights, which cannot be 4/8-bit; "
+                        "drop --quantization_bit or use lora/qlora")
+    if args.loraplus_lr_ratio is not None and not method.lora_family:
+        raise UserError(f"--loraplus_lr_ratio applies to LoRA methods, not --peft_type {method.name}")
+
+
 def _count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameters; PEFT's count knows how 4-bit weights are packed."""
     if hasattr(model, "get_nb_trainable_parameters"):
@@ -284,13 +298,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     # Everything cheap is checked before the model is loaded.
     sources = resolve_data(args.data)
     method = get_method(args.peft_type)
-    if method.quantization_bit:  # qlora = lora on a 4-bit base
-        if args.quantization_bit not in (None, method.quantization_bit):
-            raise UserError(f"--peft_type {method.name} trains on a {method.quantization_bit}-bit base; "
-                            f"drop --quantization_bit {args.quantization_bit}")
-        args.quantization_bit = method.quantization_bit
-    if args.loraplus_lr_ratio is not None and not method.lora_family:
-        raise UserError(f"--loraplus_lr_ratio applies to LoRA methods, not --peft_type {method.name}")
+    _apply_method_constraints(args, method)
     model_path = resolve_model_path(args.model_name_or_path)
     family = resolve_family(args.model_type, model_path)
     template = get_template(args.template or family.template)
@@ -298,9 +306,6 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
     on_cuda = torch.cuda.is_available()
-    if method.select_trainable and args.quantization_bit:
-        raise UserError(f"--peft_type {method.name} trains the model's own weights, which cannot be 4/8-bit; "
-                        "drop --quantization_bit or use lora/qlora")
     load_dtype, fp16, bf16 = _precision(args.compute_dtype, on_cuda)
     if method.select_trainable and fp16:
         load_dtype = torch.float32  # fp16 AMP needs fp32 master weights when the weights themselves train
