@@ -99,9 +99,9 @@ def load_for_inference(
     model = load_model(model_path, family, dtype, quantization_bit, device_map={"": device},
                        trust_remote_code=trust_remote_code)
     if lora_dir is not None:
-        import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters with PEFT
-
         from peft import PeftModel
+
+        import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters with PEFT
 
         model = PeftModel.from_pretrained(model, lora_dir)
     model.eval()

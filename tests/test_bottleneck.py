@@ -1,12 +1,12 @@
 """The peft/ extension: bottleneck adapters as a PEFT method (placements, init, scaling, save/load)."""
 
-import alpaca_cot_peft  # noqa: F401 - registers PeftType.BOTTLENECK
 import pytest
 import torch
-from alpaca_cot_peft import BottleneckConfig, BottleneckLayer
+from peft import PeftModel, get_peft_model
 from torch import nn
 
-from peft import PeftModel, get_peft_model
+import alpaca_cot_peft  # noqa: F401 - registers PeftType.BOTTLENECK
+from alpaca_cot_peft import BottleneckConfig, BottleneckLayer
 
 
 class TwoLayers(nn.Module):

@@ -25,9 +25,9 @@ def _method_args(peft_type: str):
 
 @pytest.mark.parametrize("peft_type", sorted(name for name, m in METHODS.items() if m.build_config))
 def test_method_trains_only_its_parameters_and_reloads_identically(peft_type, tiny_llama, tmp_path):
-    import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters
-
     from peft import get_peft_model
+
+    import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters
 
     torch.manual_seed(0)
     model = load_model(str(tiny_llama), FAMILIES["llama"], torch.float32)

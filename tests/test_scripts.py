@@ -46,9 +46,8 @@ def test_training_lowers_the_loss_and_saves_a_complete_run(tiny_llama, sample_fi
 
 
 def test_plain_peft_loads_the_adapter_and_generate_reads_the_run(tiny_llama, sample_file, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
-
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     assert _train(tiny_llama, sample_file, out, "--max_steps", "2", "--lora_r", "4") == 0
@@ -68,10 +67,10 @@ def test_plain_peft_loads_the_adapter_and_generate_reads_the_run(tiny_llama, sam
 @pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "prompt", "p_tuning", "prefix", "houlsby",
                                        "pfeiffer", "parallel"])
 def test_every_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_file, tmp_path):
-    import alpaca_cot_peft  # noqa: F401 - the bottleneck types need the extension registered
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft import PeftModel
+    import alpaca_cot_peft  # noqa: F401 - the bottleneck types need the extension registered
 
     out = tmp_path / peft_type
     assert _train(tiny_llama, sample_file, out, "--peft_type", peft_type, "--max_steps", "3",
