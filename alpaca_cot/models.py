@@ -44,18 +44,36 @@ class ModelFamily:
     trust_remote_code: bool = False  # the checkpoint ships its own modelling code
     use_fast_tokenizer: bool = True
     pad_fallback: str = "unk"  # token used as pad when the tokenizer has none: unk | eos
-    preferred_dtype: str | None = None  # e.g. a family unstable in fp16
+    fp16_unstable: bool = False  # activations overflow in fp16: --compute_dtype fp16 becomes bf16 (or fp32)
 
 
+
+# Module names shared by the LLaMA-style architectures (q/k/v/o attention, gated MLP).
+_LLAMA_STYLE = {
+    "lora_targets": ("q_proj", "v_proj"),
+    "ia3_targets": ("k_proj", "v_proj", "down_proj"), "ia3_feedforward": ("down_proj",),
+    "bottleneck_sequential": ("gate_proj", "up_proj", "down_proj"), "bottleneck_input_side": ("gate_proj", "up_proj"),
+    "bottleneck_pfeiffer": ("down_proj",), "bottleneck_parallel": ("q_proj", "k_proj", "v_proj"),
+}
 
 FAMILIES: dict[str, ModelFamily] = build_registry(
     "model family",
     # LLaMA 1/2/3, Vicuna, SmolLM: the original padded with id 0 (<unk>).
-    ModelFamily(name="llama", config_model_types=("llama",), lora_targets=("q_proj", "v_proj"),
+    ModelFamily(name="llama", config_model_types=("llama",), **_LLAMA_STYLE),
+    ModelFamily(name="mistral", config_model_types=("mistral",), **_LLAMA_STYLE),
+    ModelFamily(name="qwen2", config_model_types=("qwen2",), pad_fallback="eos", **_LLAMA_STYLE),
+    ModelFamily(name="qwen3", config_model_types=("qwen3",), pad_fallback="eos", **_LLAMA_STYLE),
+    ModelFamily(name="gemma", config_model_types=("gemma", "gemma2"), fp16_unstable=True, **_LLAMA_STYLE),
+    ModelFamily(name="bloom", config_model_types=("bloom",), lora_targets=("query_key_value",),
+                ia3_targets=("query_key_value", "dense_4h_to_h"), ia3_feedforward=("dense_4h_to_h",),
+                bottleneck_sequential=("dense_h_to_4h", "dense_4h_to_h"), bottleneck_input_side=("dense_h_to_4h",),
+                bottleneck_pfeiffer=("dense_4h_to_h",), bottleneck_parallel=("query_key_value",)),
+    # GLM-4 (native in transformers): fused gate/up projection.
+    ModelFamily(name="glm4", config_model_types=("glm4",), lora_targets=("q_proj", "v_proj"),
                 ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
-                bottleneck_sequential=("gate_proj", "up_proj", "down_proj"),
-                bottleneck_input_side=("gate_proj", "up_proj"), bottleneck_pfeiffer=("down_proj",),
-                bottleneck_parallel=("q_proj", "k_proj", "v_proj")),
+                bottleneck_sequential=("gate_up_proj", "down_proj"), bottleneck_input_side=("gate_up_proj",),
+                bottleneck_pfeiffer=("down_proj",), bottleneck_parallel=("q_proj", "k_proj", "v_proj"),
+                pad_fallback="eos"),
 )
 
 

@@ -306,7 +306,11 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
     on_cuda = torch.cuda.is_available()
-    load_dtype, fp16, bf16 = _precision(args.compute_dtype, on_cuda)
+    compute_dtype = args.compute_dtype
+    if family.fp16_unstable and compute_dtype == "fp16" and on_cuda:
+        compute_dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        logger.info("%s models overflow in fp16: training in %s instead", family.name, compute_dtype)
+    load_dtype, fp16, bf16 = _precision(compute_dtype, on_cuda)
     if method.select_trainable and fp16:
         load_dtype = torch.float32  # fp16 AMP needs fp32 master weights when the weights themselves train
     report_to = _configure_reporting(args.report_to, output_dir)
