@@ -18,7 +18,7 @@ from typing import Any
 
 from .catalog import DataSource
 from .errors import UserError
-from .templates import EOS, Message, Template
+from .templates import EOS, ChatTemplate, Message, Template
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,20 @@ def encode_segments(tokenizer: Any, segments: list, prefix_ids: list[int]) -> tu
     return input_ids, labels
 
 
+def encode_conversation(
+    tokenizer: Any, template: Template | ChatTemplate, messages: list[Message], input_text: str, prefix_ids: list[int]
+) -> tuple[list[int], list[int]]:
+    """Ids and labels of a conversation through ``template`` (the one encoding of training and inference)."""
+    segments = template.render(messages, input_text, tokenizer)
+    return encode_segments(tokenizer, segments, [] if template.text_has_special_tokens else prefix_ids)
+
+
 def tokenize_record(
     record: dict[str, str], tokenizer: Any, template: Template, cutoff_len: int, prefix_ids: list[int]
 ) -> dict[str, list[int]]:
     """Training example of one record: ids, attention mask and labels, cut at ``cutoff_len``."""
     messages, input_text = record_to_messages(record)
-    input_ids, labels = encode_segments(tokenizer, template.render(messages, input_text), prefix_ids)
+    input_ids, labels = encode_conversation(tokenizer, template, messages, input_text, prefix_ids)
     input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import encode_segments, special_prefix_ids
+from .data import encode_conversation, special_prefix_ids
 from .errors import UserError
 from .models import ModelFamily, load_model, load_tokenizer, resolve_family, resolve_model_path
 from .templates import Message, Template, get_template
@@ -143,8 +143,8 @@ def build_generation_config(loaded: LoadedModel, preset: str = "greedy", **overr
 
 def prompt_ids(loaded: LoadedModel, messages: list[Message], input_text: str = "") -> list[int]:
     """Token ids of the prompt for the next assistant turn, exactly as in training."""
-    ids, _ = encode_segments(loaded.tokenizer, loaded.template.render(messages, input_text),
-                             special_prefix_ids(loaded.tokenizer))
+    ids, _ = encode_conversation(loaded.tokenizer, loaded.template, messages, input_text,
+                                 special_prefix_ids(loaded.tokenizer))
     return ids
 
 

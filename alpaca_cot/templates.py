@@ -9,9 +9,9 @@ was trained on. Add a template by adding a row to ``TEMPLATES``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from .errors import unknown_name
+from .errors import UserError, unknown_name
 from .registry import build_registry
 
 Role = Literal["user", "assistant"]
@@ -55,7 +55,9 @@ class Template:
             )
         return self.header + self.single_turn.format(instruction=instruction)
 
-    def render(self, messages: list[Message], input_text: str = "") -> list[Segment]:
+    text_has_special_tokens = False  # the tokenizer's own prefix (e.g. BOS) goes first
+
+    def render(self, messages: list[Message], input_text: str = "", tokenizer: Any = None) -> list[Segment]:
         """Segments of a conversation; the last message may be a user turn (a prompt to answer).
 
         A conversation of one user turn (and its answer) uses the single-turn form,
@@ -84,7 +86,46 @@ class Template:
 
 
 
-TEMPLATES: dict[str, Template] = build_registry(
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The tokenizer's own chat template (``tokenizer.apply_chat_template``), turn by turn.
+
+    Each assistant turn is the text the template adds after the generation prompt (its
+    end-of-turn marker included), so masking follows whatever format the model ships.
+    """
+
+    name: str
+    text_has_special_tokens = True  # the template writes BOS/role markers itself
+
+    def render(self, messages: list[Message], input_text: str = "", tokenizer: Any = None) -> list[Segment]:
+        """Segments of a conversation rendered by the tokenizer's chat template."""
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise UserError("--template chat: this tokenizer has no chat template; use --template alpaca")
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        if input_text and turns:
+            turns[0] = {"role": "user", "content": f"{turns[0]['content']}\n\n{input_text}"}
+
+        def text(upto: int, generation_prompt: bool) -> str:
+            return tokenizer.apply_chat_template(turns[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+        segments: list[Segment] = []
+        done = ""
+        for index, turn in enumerate(turns):
+            if turn["role"] != "assistant":
+                continue
+            prompt, full = text(index, True), text(index + 1, False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise UserError("--template chat: the tokenizer's chat template does not extend turn by turn, "
+                                "so answers cannot be masked; use --template alpaca")
+            segments += [Segment(prompt[len(done):], learn=False), Segment(full[len(prompt):], learn=True)]
+            done = full
+        if turns[-1]["role"] == "user":
+            prompt = text(len(turns), True)
+            segments.append(Segment(prompt[len(done):], learn=False))
+        return segments
+
+
+TEMPLATES: dict[str, Template | ChatTemplate] = build_registry(
     "template",
     Template(
         name="alpaca",
@@ -105,10 +146,11 @@ TEMPLATES: dict[str, Template] = build_registry(
         user_turn="### Human: {content}\n### Assistant: ",
         turn_separator="\n",
     ),
+    ChatTemplate(name="chat"),
 )
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str) -> Template | ChatTemplate:
     """Return the template for ``--template name``."""
     if name not in TEMPLATES:
         raise unknown_name("template", name, TEMPLATES, "--template")

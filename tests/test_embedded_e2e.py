@@ -64,3 +64,12 @@ def test_console_chat_remembers_the_first_turn():
     assert session.returncode == 0, session.stderr[-2000:]
     replies = session.stdout.strip().splitlines()
     assert "Zorblax" in replies[-1]  # turn 2 answered from turn 1's context
+
+
+def test_chat_template_of_the_embedded_model(tmp_path):
+    out = tmp_path / "chat"
+    train = _run("uniform_finetune.py", *FAST, "--template", "chat", "--max_steps", "1", "--output_dir", str(out))
+    assert train.returncode == 0, train.stderr[-2000:]
+    answer = _run("generate.py", "--lora_dir", str(out), "--instruction", "What is the capital of France?",
+                  "--max_new_tokens", "20")
+    assert answer.returncode == 0 and "Paris" in answer.stdout  # the instruct model's own format works

@@ -75,3 +75,45 @@ def test_truncation_at_cutoff_len(tiny_tokenizer):
     record = {"instruction": "Add the numbers.", "input": "", "output": "The answer is 3."}
     example = tokenize_record(record, tiny_tokenizer, ALPACA, cutoff_len=10, prefix_ids=[1])
     assert len(example["input_ids"]) == len(example["labels"]) == 10
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _chat_tokenizer(tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def _as_ids(encoded):
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def test_chat_template_matches_apply_chat_template_and_masks_answers(tiny_tokenizer):
+    from alpaca_cot.data import encode_conversation
+
+    tokenizer = _chat_tokenizer(tiny_tokenizer)
+    chat = get_template("chat")
+    messages = [Message("user", "hi"), Message("assistant", "hello"), Message("user", "bye"),
+                Message("assistant", "ciao")]
+    ids, labels = encode_conversation(tokenizer, chat, messages, "", prefix_ids=[1])
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    assert ids == _as_ids(tokenizer.apply_chat_template(turns, tokenize=True))  # no extra BOS either
+    learned = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert learned == "hello<|im_end|>\nciao<|im_end|>\n"
+    prompt, _ = encode_conversation(tokenizer, chat, messages[:3], "", prefix_ids=[1])
+    assert prompt == _as_ids(tokenizer.apply_chat_template(turns[:3], tokenize=True, add_generation_prompt=True))
+
+
+def test_chat_template_needs_one(tiny_tokenizer):
+    import pytest
+
+    from alpaca_cot.errors import UserError
+
+    with pytest.raises(UserError, match="has no chat template; use --template alpaca"):
+        get_template("chat").render([Message("user", "q")], "", tiny_tokenizer)
