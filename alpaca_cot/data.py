@@ -18,6 +18,7 @@ from typing import Any
 
 from .catalog import DataSource
 from .errors import UserError
+from .formats import FORMATS, convert_record
 from .templates import EOS, ChatTemplate, Message, Template
 
 logger = logging.getLogger(__name__)
@@ -86,19 +87,29 @@ def load_records(path: Path, required: tuple[str, ...] = ("instruction", "output
     problems = []
     records = []
     for index, record in enumerate(raw):
+        if isinstance(record, dict):
+            try:
+                converted = convert_record(record)
+            except (ValueError, AttributeError, TypeError) as exc:
+                problems.append(f"record {index} {exc}")
+                continue
+            if converted is not None:
+                records.append(converted)
+                continue
         problem = _record_problem(record, required)
         if problem:
             problems.append(f"record {index} {problem}")
         else:
             records.append({"instruction": record["instruction"], "input": record.get("input") or "",
-                            "output": record.get("output") or ""})
+                            "output": record.get("output") or "", "conversation": []})
     if problems:
         listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
         more = f" (and {len(problems) - MAX_LISTED_PROBLEMS} more)" if len(problems) > MAX_LISTED_PROBLEMS else ""
         needs = " and ".join(repr(k) for k in required)
         raise UserError(
             f"{path}: {len(problems)} of {len(raw)} records are invalid: {listed}{more}; "
-            f"each record needs string {needs} (and optional 'input')"
+            f"each record needs string {needs} (and optional 'input'), or one of the formats "
+            f"{', '.join(FORMATS)}"
         )
     return records
 
@@ -109,6 +120,8 @@ def record_to_messages(record: dict[str, str]) -> tuple[list[Message], str]:
     ``Human:``/``Assistant:`` turns in the instruction become separate messages; the
     record's output is the final assistant turn.
     """
+    if record.get("conversation"):
+        return [Message(turn["role"], turn["content"]) for turn in record["conversation"]], ""
     instruction = record["instruction"]
     markers = list(_TURN_MARKER.finditer(instruction))
     if len(markers) < 2 or markers[0].group(1) != "Human":
@@ -225,7 +238,7 @@ def prepare_data(
     def tokenize(record: dict[str, str]) -> dict[str, list[int]]:
         return tokenize_record(record, tokenizer, template, cutoff_len, prefix_ids)
 
-    columns = ["instruction", "input", "output"]
+    columns = ["instruction", "input", "output", "conversation"]
     train = dataset.map(tokenize, remove_columns=columns, desc="tokenizing")
     before = len(train)
     train = train.filter(lambda example: any(label != IGNORE_INDEX for label in example["labels"]))

@@ -138,7 +138,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(argv, message, tiny_llama, tm
 
 def test_bad_records_name_file_and_record(tiny_llama, tmp_path, capsys):
     data = tmp_path / "bad.json"
-    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "response": "d"}]))
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "reply": "d"}]))
     assert _train(tiny_llama, data, tmp_path / "o", "--max_steps", "1") == 2
     err = capsys.readouterr().err
     assert "bad.json: 1 of 2 records are invalid: record 1 has no 'output' key" in err
