@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import save_pretrained_atomic
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,15 +87,4 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)  # atomic: a killed conversion leaves no half copy
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent winner
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained_atomic(model, tokenizer, target)  # a killed conversion leaves no half copy

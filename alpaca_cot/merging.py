@@ -8,13 +8,11 @@ change weights, so they are refused with a one-line reason.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import save_pretrained_atomic
 from .errors import UserError
 from .inference import load_for_inference, read_run_manifest
 
@@ -69,16 +67,7 @@ def merge_adapter(
     if not difference <= tolerance:  # also catches NaN
         raise RuntimeError(f"merged model disagrees with base + adapter: max logit difference {difference:.3g} "
                            f"> {tolerance:g}; nothing was saved")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)  # the original forgot the tokenizer
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained_atomic(model, loaded.tokenizer, target)  # the original forgot the tokenizer
     logger.info("merged %s into %s -> %s", lora_dir, loaded.base_model, target)
     return MergeResult(target, difference, tolerance)
 

@@ -8,7 +8,6 @@ tokenizer and a manifest of the run atomically into ``--output_dir``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Any
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from . import __version__
+from .atomic import write_json_atomic
 from .catalog import DataSource, resolve_data
 from .data import IGNORE_INDEX, load_records, prepare_data
 from .errors import UserError
@@ -187,13 +187,6 @@ def _package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    """Write JSON to a temporary name in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any]) -> None:

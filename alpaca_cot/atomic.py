@@ -1,0 +1,37 @@
+"""Writes that never leave a half-written file or folder behind: stage beside the target, then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    """Write JSON to a temporary name in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_pretrained_atomic(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save ``model`` and ``tokenizer`` into a staging folder beside ``target`` and rename it into place.
+
+    ``target`` must be absent or empty. If another process completes the same folder first
+    (two runs converting the embedded model at once), its copy is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)  # a rename also replaces an empty folder
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
