@@ -15,8 +15,8 @@ from typing import Any
 
 from .data import encode_conversation, special_prefix_ids
 from .errors import UserError
-from .models import ModelFamily, load_model, load_tokenizer, resolve_family, resolve_model_path
-from .templates import Message, Template, get_template
+from .models import ModelFamily, load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
+from .templates import Message, Template
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def load_for_inference(
         raise UserError("--model_name_or_path is needed: the adapter does not say which base model it belongs to")
     model_path = resolve_model_path(base)
     trust_remote_code = trust_remote_code or bool(manifest.get("trust_remote_code"))
-    family = resolve_family(model_type or manifest.get("model_type"), model_path)
-    prompt_format = get_template(template or manifest.get("template") or family.template)
+    family = resolve_family(model_type or manifest.get("model_type"), model_path, trust_remote_code)
+    prompt_format = resolve_template(template or manifest.get("template"), family)
     device = default_device()
     dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     tokenizer_source = lora_dir if lora_dir and (Path(lora_dir) / "tokenizer_config.json").is_file() else model_path
@@ -138,7 +138,8 @@ def build_generation_config(loaded: LoadedModel, preset: str = "greedy", **overr
         for key in ("temperature", "top_p", "top_k"):
             settings.pop(key, None)  # unused when greedy; transformers warns about them
     tokenizer = loaded.tokenizer
-    return GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    return GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=loaded.template.stop_ids(tokenizer),
+                            **settings)
 
 
 def prompt_ids(loaded: LoadedModel, messages: list[Message], input_text: str = "") -> list[int]:

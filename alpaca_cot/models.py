@@ -8,6 +8,7 @@ name; they read its row. Add a family by adding a row to ``FAMILIES``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import Any
 from .embedded import EMBEDDED_MODELS, resolve_embedded_model
 from .errors import UserError, unknown_name
 from .registry import build_registry
+from .templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -39,13 +41,18 @@ class ModelFamily:
     bottleneck_input_side: tuple[str, ...]
     bottleneck_pfeiffer: tuple[str, ...]
     bottleneck_parallel: tuple[str, ...]
-    template: str = "alpaca"  # default --template
-    model_class: str = "AutoModelForCausalLM"  # transformers class that loads it
-    trust_remote_code: bool = False  # the checkpoint ships its own modelling code
-    use_fast_tokenizer: bool = True
+    template: str = "alpaca"  # default --template (the original's, for every family)
+    own_template: str | None = None  # the family's own chat format, a --template name
+    model_class: str = "AutoModelForCausalLM"  # transformers class that loads it (the checkpoint's auto_map entry)
+    trust_remote_code: bool = False  # the checkpoint ships its own modelling/tokenizer code
+    use_fast_tokenizer: bool = True  # False: the family only has a slow (Python/SentencePiece) tokenizer
     pad_fallback: str = "unk"  # token used as pad when the tokenizer has none: unk | eos
     fp16_unstable: bool = False  # activations overflow in fp16: --compute_dtype fp16 becomes bf16 (or fp32)
-
+    # Telling apart generations that share a model_type (ChatGLM 1/2/3, Baichuan 1/2):
+    config_keys: tuple[str, ...] = ()  # keys config.json must have
+    config_name_hint: str = ""  # config.json cannot tell: the checkpoint's name or path must contain this
+    config_architectures: tuple[str, ...] = ()  # `architectures` entries, when model_type names no family
+    answer_prefix: str = ""  # special tokens before every answer, in every template (ChatGLM-6B's [gMASK]<sop>)
 
 
 # Module names shared by the LLaMA-style architectures (q/k/v/o attention, gated MLP).
@@ -55,6 +62,15 @@ _LLAMA_STYLE = {
     "bottleneck_sequential": ("gate_proj", "up_proj", "down_proj"), "bottleneck_input_side": ("gate_proj", "up_proj"),
     "bottleneck_pfeiffer": ("down_proj",), "bottleneck_parallel": ("q_proj", "k_proj", "v_proj"),
 }
+# GLM (ChatGLM 1/2/3) and BLOOM: fused `query_key_value`, MLP dense_h_to_4h / dense_4h_to_h.
+_GLM_STYLE = {
+    "lora_targets": ("query_key_value",),
+    "ia3_targets": ("query_key_value", "dense_4h_to_h"), "ia3_feedforward": ("dense_4h_to_h",),
+    "bottleneck_sequential": ("dense_h_to_4h", "dense_4h_to_h"), "bottleneck_input_side": ("dense_h_to_4h",),
+    "bottleneck_pfeiffer": ("dense_4h_to_h",), "bottleneck_parallel": ("query_key_value",),
+}
+_BAICHUAN_STYLE = {**_LLAMA_STYLE, "lora_targets": ("W_pack",), "ia3_targets": ("W_pack", "down_proj"),
+                   "bottleneck_parallel": ("W_pack",)}
 
 FAMILIES: dict[str, ModelFamily] = build_registry(
     "model family",
@@ -64,16 +80,47 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
     ModelFamily(name="qwen2", config_model_types=("qwen2",), pad_fallback="eos", **_LLAMA_STYLE),
     ModelFamily(name="qwen3", config_model_types=("qwen3",), pad_fallback="eos", **_LLAMA_STYLE),
     ModelFamily(name="gemma", config_model_types=("gemma", "gemma2"), fp16_unstable=True, **_LLAMA_STYLE),
-    ModelFamily(name="bloom", config_model_types=("bloom",), lora_targets=("query_key_value",),
-                ia3_targets=("query_key_value", "dense_4h_to_h"), ia3_feedforward=("dense_4h_to_h",),
-                bottleneck_sequential=("dense_h_to_4h", "dense_4h_to_h"), bottleneck_input_side=("dense_h_to_4h",),
-                bottleneck_pfeiffer=("dense_4h_to_h",), bottleneck_parallel=("query_key_value",)),
+    ModelFamily(name="bloom", config_model_types=("bloom",), **_GLM_STYLE),
     # GLM-4 (native in transformers): fused gate/up projection.
     ModelFamily(name="glm4", config_model_types=("glm4",), lora_targets=("q_proj", "v_proj"),
                 ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
                 bottleneck_sequential=("gate_up_proj", "down_proj"), bottleneck_input_side=("gate_up_proj",),
                 bottleneck_pfeiffer=("down_proj",), bottleneck_parallel=("q_proj", "k_proj", "v_proj"),
                 pad_fallback="eos"),
+    # Remote-code families: the checkpoint's own Python files define model and tokenizer (auto_map), so
+    # --trust_remote_code is required. ChatGLM 1/2/3 all say model_type "chatglm"; v1 has 2D positions, v2/v3
+    # multi-query attention and identical configs, so ChatGLM3 is told by its name.
+    ModelFamily(name="chatglm", config_model_types=("chatglm",), config_keys=("position_encoding_2d",),
+                config_architectures=("ChatGLMModel",), model_class="AutoModel", trust_remote_code=True,
+                use_fast_tokenizer=False, own_template="chatglm", answer_prefix="[gMASK]<sop>", **_GLM_STYLE),
+    ModelFamily(name="chatglm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
+                model_class="AutoModel", trust_remote_code=True, use_fast_tokenizer=False,
+                own_template="chatglm2", **_GLM_STYLE),
+    ModelFamily(name="chatglm3", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
+                config_name_hint="chatglm3", model_class="AutoModel", trust_remote_code=True,
+                use_fast_tokenizer=False, own_template="chatglm3", **_GLM_STYLE),
+    # MOSS (CodeGen architecture): fused q/v/k `qkv_proj`, `out_proj`, MLP `fc_in`/`fc_out`. The original
+    # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer has no pad and no unk of its own.
+    ModelFamily(name="moss", config_model_types=("moss",), config_architectures=("MossForCausalLM",),
+                lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "fc_out"), ia3_feedforward=("fc_out",),
+                bottleneck_sequential=("fc_in", "fc_out"), bottleneck_input_side=("fc_in",),
+                bottleneck_pfeiffer=("fc_out",), bottleneck_parallel=("qkv_proj",), trust_remote_code=True,
+                use_fast_tokenizer=False, pad_fallback="eos", own_template="moss"),
+    ModelFamily(name="internlm", config_model_types=("internlm",), config_architectures=("InternLMForCausalLM",),
+                **{**_LLAMA_STYLE, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
+                trust_remote_code=True, use_fast_tokenizer=False, pad_fallback="eos", own_template="internlm"),
+    # InternLM2 fuses q/k/v into `wqkv`; its MLP is w1 (gate), w3 (up), w2 (down).
+    ModelFamily(name="internlm2", config_model_types=("internlm2",),
+                config_architectures=("InternLM2ForCausalLM",), lora_targets=("wqkv", "wo"),
+                ia3_targets=("wqkv", "w2"), ia3_feedforward=("w2",), bottleneck_sequential=("w1", "w3", "w2"),
+                bottleneck_input_side=("w1", "w3"), bottleneck_pfeiffer=("w2",), bottleneck_parallel=("wqkv",),
+                trust_remote_code=True, use_fast_tokenizer=False, pad_fallback="eos", own_template="internlm2"),
+    # Baichuan fuses q/k/v into `W_pack`; slow SentencePiece tokenizer. Baichuan2 configs add z_loss_weight.
+    ModelFamily(name="baichuan", config_model_types=("baichuan",),
+                config_architectures=("BaiChuanForCausalLM", "BaichuanForCausalLM"), **_BAICHUAN_STYLE,
+                trust_remote_code=True, use_fast_tokenizer=False, own_template="baichuan"),
+    ModelFamily(name="baichuan2", config_model_types=("baichuan",), config_keys=("z_loss_weight",),
+                **_BAICHUAN_STYLE, trust_remote_code=True, use_fast_tokenizer=False, own_template="baichuan2"),
 )
 
 
@@ -125,22 +172,54 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 
 
 def detect_family(model_config: dict[str, Any], model_path: str) -> ModelFamily:
-    """Pick the family whose ``config_model_types`` contains the checkpoint's ``model_type``."""
+    """The family of a checkpoint from its ``config.json``: ``model_type`` (else ``architectures``), then the
+    rows' ``config_keys`` and name hints; the most specific matching row wins."""
     model_type = str(model_config.get("model_type", ""))
-    for family in FAMILIES.values():
-        if model_type in family.config_model_types:
-            return family
-    raise UserError(
-        f"cannot tell the model family of {model_path} (config.json model_type {model_type!r}); "
-        f"pass --model_type, one of: {', '.join(FAMILIES)}"
-    )
+    architectures = set(model_config.get("architectures") or [])
+    name = f"{model_path} {model_config.get('_name_or_path', '')}".lower()
+    by_type = [f for f in FAMILIES.values() if model_type in f.config_model_types]
+    if not by_type:
+        by_type = [f for f in FAMILIES.values() if architectures & set(f.config_architectures)]
+    candidates = [f for f in by_type if all(key in model_config for key in f.config_keys)
+                  and (not f.config_name_hint or f.config_name_hint in name)]
+    if not candidates:
+        raise UserError(
+            f"cannot tell the model family of {model_path} (config.json model_type {model_type!r}); "
+            f"pass --model_type, one of: {', '.join(FAMILIES)}"
+        )
+    return max(candidates, key=lambda f: (len(f.config_keys), bool(f.config_name_hint)))
 
 
-def resolve_family(model_type: str | None, model_path: str) -> ModelFamily:
-    """``--model_type`` if given, else the family detected from the checkpoint."""
-    if model_type:
-        return get_family(model_type)
-    return detect_family(read_model_config(model_path), model_path)
+def check_remote_code(family: ModelFamily, trust_remote_code: bool, model_path: str = "") -> None:
+    """Refuse a family whose checkpoints run their own Python code unless the user allowed it."""
+    if family.trust_remote_code and not trust_remote_code:
+        where = f" ({model_path})" if model_path else ""
+        raise UserError(
+            f"{family.name} models run Python code shipped inside the checkpoint{where} to build the model and "
+            "tokenizer; pass --trust_remote_code to allow it if you trust that checkpoint's source"
+        )
+
+
+def resolve_family(model_type: str | None, model_path: str, trust_remote_code: bool | None = None) -> ModelFamily:
+    """``--model_type`` if given, else the family detected from the checkpoint.
+
+    With ``trust_remote_code`` given, a family that needs remote code is refused here, before anything loads.
+    """
+    family = get_family(model_type) if model_type else detect_family(read_model_config(model_path), model_path)
+    if trust_remote_code is not None:
+        check_remote_code(family, trust_remote_code, model_path)
+    return family
+
+
+def resolve_template(name: str | None, family: ModelFamily) -> Template | ChatTemplate:
+    """``--template name`` (default: the family's) with the family's answer prefix put before every answer."""
+    template = get_template(name or family.template)
+    if family.answer_prefix and isinstance(template, Template):
+        prefix = family.answer_prefix
+        template = dataclasses.replace(template, single_turn=template.single_turn + prefix,
+                                       single_turn_with_input=template.single_turn_with_input + prefix,
+                                       user_turn=template.user_turn + prefix)
+    return template
 
 
 def fill_pad_token(tokenizer: Any, family: ModelFamily) -> None:
@@ -159,6 +238,7 @@ def load_tokenizer(model_path: str, family: ModelFamily, trust_remote_code: bool
     """Load the tokenizer of ``model_path`` with the family's settings."""
     from transformers import AutoTokenizer
 
+    check_remote_code(family, trust_remote_code, model_path)
     tokenizer = AutoTokenizer.from_pretrained(
         model_path, use_fast=family.use_fast_tokenizer, trust_remote_code=trust_remote_code
     )
@@ -196,11 +276,7 @@ def load_model(
     """Load the model of ``model_path`` with the family's loader class."""
     import transformers
 
-    if family.trust_remote_code and not trust_remote_code:
-        raise UserError(
-            f"{family.name} models run Python code shipped in the checkpoint; "
-            "pass --trust_remote_code if you trust its source"
-        )
+    check_remote_code(family, trust_remote_code, model_path)
     loader = getattr(transformers, family.model_class)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     quantization = _quantization_config(quantization_bit, dtype)

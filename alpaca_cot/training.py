@@ -31,8 +31,7 @@ from .errors import UserError
 from .evaluation import exact_match
 from .inference import RUN_MANIFEST, LoadedModel
 from .methods import PeftMethod, get_method
-from .models import load_model, load_tokenizer, resolve_family, resolve_model_path
-from .templates import get_template
+from .models import load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +292,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     method = get_method(args.peft_type)
     _apply_method_constraints(args, method)
     model_path = resolve_model_path(args.model_name_or_path)
-    family = resolve_family(args.model_type, model_path)
-    template = get_template(args.template or family.template)
+    family = resolve_family(args.model_type, model_path, args.trust_remote_code)
+    template = resolve_template(args.template, family)
     heldout = _heldout_records(sources, args.heldout_eval) if args.heldout_eval else []
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
