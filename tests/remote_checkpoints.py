@@ -11,17 +11,23 @@ BORROWED_CODE = {"chatglm3": "chatglm2/modeling_chatglm.py", "baichuan2": "baich
 REMOTE_FAMILIES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 
 
-def build_remote_checkpoint(family: str, folder: Path) -> Path:
-    """Copy the family's fixture files into ``folder`` and save random weights for its config; returns folder."""
-    import torch
-    import transformers
-
+def copy_remote_code(family: str, folder: Path) -> Path:
+    """The family's fixture files (configs and code) in ``folder``: enough to load its tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = [*(FIXTURES / family).iterdir(), *(FIXTURES / name for name in SHARED_CODE)]
     if family in BORROWED_CODE:
         sources.append(FIXTURES / BORROWED_CODE[family])
     for source in sources:
         shutil.copy(source, folder / source.name)
+    return folder
+
+
+def build_remote_checkpoint(family: str, folder: Path) -> Path:
+    """Copy the family's fixture files into ``folder`` and save random weights for its config; returns folder."""
+    import torch
+    import transformers
+
+    copy_remote_code(family, folder)
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
     loader = getattr(transformers, "AutoModel" if "AutoModelForCausalLM" not in config.auto_map
                      else "AutoModelForCausalLM")
