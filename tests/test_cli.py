@@ -26,8 +26,6 @@ ORIGINAL_COMMANDS = [
 
 @pytest.mark.parametrize("command", ORIGINAL_COMMANDS)
 def test_original_command_lines_parse(command):
-    if "chatglm" in command:
-        pytest.skip("the chatglm family comes with the model-families issue")
     args = parse_finetune_args(shlex.split(command))
     assert args.data and args.model_name_or_path == "./m"
 

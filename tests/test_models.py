@@ -1,6 +1,7 @@
 """Model-family registry: detection, lookups and loading errors."""
 
 import json
+import sys
 
 import pytest
 
@@ -57,3 +58,96 @@ def test_lora_targets_the_model_lacks_are_listed(tiny_llama):
         lora_targets(args, FAMILIES["llama"], model)
     assert lora_targets(argparse.Namespace(lora_target_modules=None), FAMILIES["llama"], model) == ["q_proj", "v_proj"]
     assert lora_targets(argparse.Namespace(lora_target_modules=["all"]), FAMILIES["llama"], model) == "all-linear"
+
+
+# --- Remote-code families: detection from config.json, opt-in, quantization ---
+
+CHATGLM6B = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "position_encoding_2d": True}
+CHATGLM2 = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "multi_query_attention": True}
+
+
+@pytest.mark.parametrize("config, path, family", [
+    (CHATGLM6B, "THUDM/chatglm-6b", "chatglm"),
+    (CHATGLM2, "THUDM/chatglm2-6b", "chatglm2"),
+    (CHATGLM2, "THUDM/chatglm3-6b", "chatglm3"),  # same config as ChatGLM2: told by its name
+    ({**CHATGLM2, "_name_or_path": "THUDM/chatglm3-6b-32k"}, "./local", "chatglm3"),
+    ({"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"]}, "x", "baichuan"),
+    ({"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "z_loss_weight": 0}, "x", "baichuan2"),
+    ({"architectures": ["BaiChuanForCausalLM"]}, "x", "baichuan"),  # no model_type: by architecture
+    ({"model_type": "moss"}, "x", "moss"),
+    ({"model_type": "internlm"}, "x", "internlm"),
+    ({"model_type": "internlm2"}, "x", "internlm2"),
+])
+def test_remote_code_families_are_told_apart_by_config_json(config, path, family):
+    assert detect_family(config, path).name == family
+
+
+def test_chatglm_config_without_either_generation_marker_asks_for_model_type():
+    with pytest.raises(UserError, match=r"model_type 'chatglm'.*pass --model_type"):
+        detect_family({"model_type": "chatglm"}, "x")
+
+
+@pytest.fixture(scope="module")
+def remote_folder(tmp_path_factory):
+    """A ChatGLM2 checkpoint folder with its code but no weights: refusal must come before anything loads."""
+    from tests.remote_checkpoints import copy_remote_code
+
+    return copy_remote_code("chatglm2", tmp_path_factory.mktemp("refuse-chatglm2-"))
+
+
+def _no_code_of_the_refused_checkpoint_imported():
+    return not any("refuse" in name for name in sys.modules)  # its dynamic modules would be named after it
+
+
+def test_training_a_remote_code_family_needs_the_flag(remote_folder, tmp_path, sample_file, capsys):
+    import uniform_finetune
+
+    code = uniform_finetune.main(["--model_name_or_path", str(remote_folder), "--data", str(sample_file),
+                                  "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "chatglm2 models run Python code shipped inside the checkpoint" in err[0]
+    assert "pass --trust_remote_code to allow it" in err[0]
+    assert not (tmp_path / "out").exists() and _no_code_of_the_refused_checkpoint_imported()
+
+
+def test_every_inference_script_refuses_remote_code_without_the_flag(remote_folder, tmp_path, capsys):
+    """generate, predict and merge via main(); server and web load through the same load_from_args."""
+    import argparse
+
+    import generate
+    import merge
+    import predict
+    from alpaca_cot.inference import load_from_args
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "hi", "input": "", "output": ""}]))
+    adapter = tmp_path / "adapter"  # a plain PEFT adapter folder naming the remote base
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(remote_folder)}))
+    base = ["--model_name_or_path", str(remote_folder)]
+    assert generate.main([*base, "--instruction", "hi"]) == 2
+    assert predict.main([*base, "--data", str(data), "--result_dir", str(tmp_path / "out.jsonl")]) == 2
+    assert merge.main(["--lora_dir", str(adapter), "--merged_dir", str(tmp_path / "merged")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all("pass --trust_remote_code" in line for line in errors)
+    served = argparse.Namespace(lora_dir=None, model_name_or_path=str(remote_folder), model_type=None,
+                                template=None, trust_remote_code=False)
+    with pytest.raises(UserError, match="pass --trust_remote_code"):
+        load_from_args(served)
+    assert _no_code_of_the_refused_checkpoint_imported()
+
+
+@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+@pytest.mark.parametrize("name", ["chatglm3", "moss", "internlm2", "baichuan2"])
+def test_quantization_applies_to_remote_code_models(name, bits, layer, tmp_path):
+    import torch
+
+    from alpaca_cot.models import linear_module_names
+    from tests.remote_checkpoints import build_remote_checkpoint
+
+    pytest.importorskip("bitsandbytes")
+    folder = build_remote_checkpoint(name, tmp_path / f"tiny-{name}")
+    model = load_model(str(folder), FAMILIES[name], torch.float32, bits, trust_remote_code=True)
+    quantized = {full.rsplit(".", 1)[-1] for full, module in model.named_modules() if type(module).__name__ == layer}
+    assert set(FAMILIES[name].lora_targets) <= quantized <= set(linear_module_names(model))
