@@ -151,3 +151,24 @@ def test_quantization_applies_to_remote_code_models(name, bits, layer, tmp_path)
     model = load_model(str(folder), FAMILIES[name], torch.float32, bits, trust_remote_code=True)
     quantized = {full.rsplit(".", 1)[-1] for full, module in model.named_modules() if type(module).__name__ == layer}
     assert set(FAMILIES[name].lora_targets) <= quantized <= set(linear_module_names(model))
+
+
+@pytest.mark.parametrize("name, pad", [("moss", "<|endoftext|>"), ("internlm", "</s>"), ("baichuan2", "<unk>")])
+def test_missing_pad_token_is_filled_per_family_and_pads_are_never_learned(name, pad, tmp_path):
+    from transformers import DataCollatorForSeq2Seq
+
+    from alpaca_cot.data import IGNORE_INDEX, special_prefix_ids, tokenize_record
+    from alpaca_cot.models import load_tokenizer, resolve_template
+    from tests.remote_checkpoints import copy_remote_code
+
+    family = FAMILIES[name]
+    tokenizer = load_tokenizer(str(copy_remote_code(name, tmp_path / name)), family, trust_remote_code=True)
+    assert tokenizer.pad_token == pad  # MOSS and InternLM ship none: EOS; Baichuan2 ships <unk>
+    tokenizer.padding_side = "right"  # as training sets it
+    template = resolve_template(None, family)
+    short, long = ({"instruction": "hi", "input": "", "output": text} for text in ("a", "a longer answer"))
+    examples = [tokenize_record(r, tokenizer, template, 512, special_prefix_ids(tokenizer)) for r in (short, long)]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(examples)
+    width = len(examples[0]["input_ids"])
+    assert batch["attention_mask"][0, width:].sum() == 0 and (batch["labels"][0, width:] == IGNORE_INDEX).all()
+    assert batch["labels"][0, width - 1] == tokenizer.eos_token_id  # the answer's own EOS is learned
