@@ -112,12 +112,18 @@ class ChatTemplate:
     text_has_special_tokens = True  # the template writes BOS/role markers itself
 
     def stop_ids(self, tokenizer: Any) -> list[int]:
-        """Token ids that end an answer: EOS (and the end-of-turn token, when the tokenizer names one)."""
+        """Token ids that end an answer: EOS, and the special token the chat template puts after an answer
+        (e.g. ``<|im_end|>`` when the tokenizer's EOS is another token)."""
         ids = [tokenizer.eos_token_id]
-        for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-            token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-            if token_id is not None and token_id not in ids:
-                ids.append(token_id)
+        if not getattr(tokenizer, "chat_template", None):
+            return ids
+        try:
+            answer = self.render([Message("user", "q"), Message("assistant", "a")], "", tokenizer)[-1].text
+        except (UserError, ValueError):
+            return ids
+        tail = tokenizer(str(answer)[1:], add_special_tokens=False)["input_ids"]  # what follows the answer "a"
+        if tail and tail[0] in tokenizer.all_special_ids and tail[0] not in ids:
+            ids.append(tail[0])
         return ids
 
     def render(self, messages: list[Message], input_text: str = "", tokenizer: Any = None) -> list[Segment]:

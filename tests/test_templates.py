@@ -240,3 +240,10 @@ def test_generation_stops_at_the_templates_end_tokens(name, stops, family_tokeni
     tokenizer = family_tokenizers[name]
     template = resolve_template(FAMILIES[name].own_template, FAMILIES[name])
     assert tokenizer.convert_ids_to_tokens(template.stop_ids(tokenizer)) == stops
+
+
+def test_chat_template_generation_stops_at_its_end_of_turn_token(tiny_tokenizer):
+    tokenizer = _chat_tokenizer(tiny_tokenizer)
+    stops = get_template("chat").stop_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(stops) == ["</s>", "<|im_end|>"]
+    assert get_template("chat").stop_ids(tiny_tokenizer) == [tiny_tokenizer.eos_token_id]  # no chat template
