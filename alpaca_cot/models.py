@@ -100,7 +100,8 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
                 config_name_hint="chatglm3", model_class="AutoModel", trust_remote_code=True,
                 use_fast_tokenizer=False, own_template="chatglm3", **_GLM_STYLE),
     # MOSS (CodeGen architecture): fused q/v/k `qkv_proj`, `out_proj`, MLP `fc_in`/`fc_out`. The original
-    # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer has no pad and no unk of its own.
+    # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer's one special token <|endoftext|> is
+    # BOS, EOS and UNK, and there is no pad: it pads with that (masked from the loss like every pad).
     ModelFamily(name="moss", config_model_types=("moss",), config_architectures=("MossForCausalLM",),
                 lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "fc_out"), ia3_feedforward=("fc_out",),
                 bottleneck_sequential=("fc_in", "fc_out"), bottleneck_input_side=("fc_in",),
