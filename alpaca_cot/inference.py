@@ -138,7 +138,8 @@ def build_generation_config(loaded: LoadedModel, preset: str = "greedy", **overr
         for key in ("temperature", "top_p", "top_k"):
             settings.pop(key, None)  # unused when greedy; transformers warns about them
     tokenizer = loaded.tokenizer
-    return GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=loaded.template.stop_ids(tokenizer),
+    stops = loaded.template.stop_ids(tokenizer)  # EOS, plus the template's end-of-answer tokens
+    return GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=stops if len(stops) > 1 else stops[0],
                             **settings)
 
 
