@@ -117,14 +117,17 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def reloaded_runs(checkpoints, tmp_path_factory):
-    """Two LoRA steps per family, saved; then one fresh process reloads every run and generates."""
+    """Two LoRA steps per family (chat families in their own template: the alpaca path is trained above), saved;
+    then one fresh process reloads every run (template from its manifest) and generates."""
     folder = tmp_path_factory.mktemp("family-runs")
     data = folder / "sample.json"
     data.write_text(json.dumps(SAMPLE_RECORDS), encoding="utf-8")
     trained = {}
     for name, checkpoint in checkpoints.items():
         out = folder / name
-        if train_tiny(checkpoint, data, out, "--max_steps", "2", *_trust(name)) == 0:
+        own = ["--template", FAMILIES[name].own_template] if FAMILIES[name].own_template else []
+        # --cutoff_len 2048: MOSS's meta instruction alone is ~900 tokens for the byte-level fixture tokenizer.
+        if train_tiny(checkpoint, data, out, "--max_steps", "2", "--cutoff_len", "2048", *_trust(name), *own) == 0:
             trained[name] = str(out)
     result = subprocess.run([sys.executable, "-c", _GENERATE_EVERY_RUN, json.dumps(trained)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
