@@ -41,8 +41,12 @@ def test_hub_ids_pass_through_unresolved():
 
 
 def test_registry_rows_are_complete():
+    from alpaca_cot.templates import TEMPLATES
+
     for name, family in FAMILIES.items():
         assert family.name == name and family.config_model_types and family.lora_targets
+        assert family.template in TEMPLATES and (family.own_template is None or family.own_template in TEMPLATES)
+        assert family.pad_fallback in ("unk", "eos")
     for name, method in METHODS.items():
         assert method.name == name and method.description
 
