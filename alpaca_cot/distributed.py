@@ -19,6 +19,7 @@ import os
 import shutil
 from argparse import Namespace
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,10 @@ def check_parallel_setup(args: Namespace, method: Any, cuda_available: bool) -> 
                 problems.append(f"--loraplus_lr_ratio builds its own optimizer, but {deepspeed} defines one: "
                                 "use a config without an \"optimizer\" section (zero2, zero3)")
     if fsdp:
-        if world_size() == 1:
+        if not cuda_available:
+            problems.append("--fsdp needs CUDA GPUs (accelerate runs FSDP on accelerators only; on CPUs it would "
+                            "silently fall back to DDP): on CPUs run data-parallel with torchrun alone")
+        elif world_size() == 1:
             problems.append("--fsdp shards the model across processes: start the run with "
                             "torchrun --nproc_per_node N uniform_finetune.py ... (N = GPUs, 1 is fine)")
         if args.quantization_bit:
@@ -162,6 +166,18 @@ def parallel_training_arguments(args: Namespace) -> dict[str, Any]:
         fields["fsdp"] = True
         fields["fsdp_config"] = fsdp_config
     return fields
+
+
+def join_process_group(timeout_s: int, cuda_available: bool) -> None:
+    """Join the job's process group on CPUs with ``--ddp_timeout``.
+
+    The Trainer passes ``ddp_timeout`` on to the process group on GPUs only; on CPUs (gloo) a
+    stuck peer would otherwise hold the others for gloo's default 30 minutes.
+    """
+    import torch.distributed as dist
+
+    if world_size() > 1 and not cuda_available and not dist.is_initialized():
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def device_map_for(args: Namespace, cuda_available: bool) -> dict[str, int] | None:

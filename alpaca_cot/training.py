@@ -37,6 +37,7 @@ from .distributed import (
     gathered_state_dict,
     is_complete_checkpoint,
     is_main_process,
+    join_process_group,
     parallel_training_arguments,
     silence_other_ranks,
     world_size,
@@ -329,6 +330,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
 
     has_validation = data.validation is not None and len(data.validation) > 0
     # Before the model: with ZeRO-3 the arguments make from_pretrained load the weights already sharded.
+    join_process_group(args.ddp_timeout, on_cuda)
     training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to)
     set_seed(args.seed)  # the adapter's initial weights: same seed, same run (also across process counts)
     device_map = device_map_for(args, on_cuda)
