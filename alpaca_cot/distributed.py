@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from argparse import Namespace
 from collections.abc import Iterator
@@ -205,9 +206,15 @@ def explain_peer_failure() -> Iterator[None]:
     except RuntimeError as exc:  # torch.distributed.DistError and gloo's errors are RuntimeErrors
         if world_size() == 1 or not _is_peer_failure(exc):
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"rank {process_rank()}: another process of this {world_size()}-process job died or stopped "
-                        f"answering ({first_line[:200]}); restart the job with --resume_from_checkpoint") from exc
+                        f"answering ({_short_reason(exc)}); restart the job with --resume_from_checkpoint") from exc
+
+
+def _short_reason(exc: BaseException) -> str:
+    """Gloo's first sentence without its source location: 'Timed out waiting 5000ms for send operation ...'."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0][:160]
 
 
 def _is_peer_failure(exc: BaseException) -> bool:

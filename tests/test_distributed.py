@@ -8,6 +8,7 @@ it is refused on a CPU, and skips its training run with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -180,6 +181,20 @@ def _wait_for(lines: list[str], text: str, process: subprocess.Popen, seconds: f
         time.sleep(0.05)
 
 
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and its workers (torchrun starts each worker in a session of its own)."""
+    import psutil
+
+    try:
+        family = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait()
+
+
 def _long_run(model: Path, data: Path, out: Path, timeout_s: int) -> list[str]:
     return ["--model_name_or_path", str(model), "--data", str(data), "--output_dir", str(out), "--report_to",
             "none", "--val_set_size", "0", "--cutoff_len", "64", "--max_steps", "100000", "--save_steps", "100000",
@@ -196,19 +211,18 @@ def test_a_node_that_dies_ends_the_other_with_a_message(tiny_llama, data_file, t
                    "--master_addr", "127.0.0.1", "--master_port", port, SCRIPT,
                    *_long_run(tiny_llama, data_file, tmp_path / "run", timeout_s=60)]
         nodes.append(subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+                                      stderr=subprocess.STDOUT, text=True))
         logs.append([])
         _pump(nodes[-1].stdout, logs[-1])
     try:
         _wait_for(logs[0], "step 2/", nodes[0], 180)
-        os.killpg(nodes[1].pid, signal.SIGKILL)  # the whole node: launcher and worker
+        _kill_tree(nodes[1])  # the whole node: launcher and worker
         killed = time.time()
         nodes[0].wait(timeout=90)
         elapsed = time.time() - killed
     finally:
         for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
+            _kill_tree(node)
     output = "".join(logs[0])
     assert nodes[0].returncode != 0
     assert "error: rank 0: another process of this 2-process job died or stopped answering" in output, output[-3000:]
@@ -223,7 +237,7 @@ def test_a_stuck_rank_times_out_after_ddp_timeout(tiny_llama, data_file, tmp_pat
     command = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2",
                "--master_port", str(_free_port()), SCRIPT, *_long_run(tiny_llama, data_file, tmp_path / "run", 5)]
     launcher = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     _pump(launcher.stdout, lines)
     try:
@@ -237,8 +251,7 @@ def test_a_stuck_rank_times_out_after_ddp_timeout(tiny_llama, data_file, tmp_pat
         ranks[1].send_signal(signal.SIGCONT)  # let the launcher's SIGTERM through
         launcher.wait(timeout=60)
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        _kill_tree(launcher)
     output = "".join(lines)
     assert launcher.returncode != 0
     assert "another process of this 2-process job died or stopped answering" in output, output[-3000:]
