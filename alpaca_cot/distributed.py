@@ -91,13 +91,21 @@ def _read_deepspeed_config(value: str, problems: list[str]) -> dict[str, Any] | 
         problems.append(f"--deepspeed: {value} is neither a file nor a shipped config "
                         f"({', '.join(shipped_deepspeed_configs())})")
         return None
+    return _check_json_object(path, "--deepspeed", problems)
+
+
+def _check_json_object(path: str | Path, flag: str, problems: list[str]) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None with the problem (missing, bad JSON and its line) noted."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"{flag}: {path} does not exist")
+        return None
     except json.JSONDecodeError as exc:
-        problems.append(f"--deepspeed: {path}:{exc.lineno} is not valid JSON ({exc.msg})")
+        problems.append(f"{flag}: {path}:{exc.lineno} is not valid JSON ({exc.msg})")
         return None
     if not isinstance(config, dict):
-        problems.append(f"--deepspeed: {path} must hold a JSON object")
+        problems.append(f"{flag}: {path} must hold a JSON object")
         return None
     return config
 
@@ -145,11 +153,8 @@ def check_parallel_setup(args: Namespace, method: Any, cuda_available: bool) -> 
         if args.quantization_bit:
             problems.append(f"--fsdp {_SHARDING_REFUSES_QUANTIZATION} (--peft_type {method.name}, "
                             f"{args.quantization_bit}-bit): use plain torchrun (DDP) or --deepspeed zero2")
-        if method.name in ("prompt", "p_tuning", "prefix"):
-            problems.append(f"--fsdp with --peft_type {method.name} is not supported: its virtual-token embedding "
-                            "sits outside the decoder layers FSDP wraps; use plain torchrun (DDP)")
-        if getattr(args, "fsdp_config", None) and not Path(args.fsdp_config).is_file():
-            problems.append(f"--fsdp_config: {args.fsdp_config} does not exist")
+        if getattr(args, "fsdp_config", None):
+            _check_json_object(args.fsdp_config, "--fsdp_config", problems)
     if problems:
         raise UserError("; ".join(problems))
 

@@ -324,7 +324,7 @@ def test_deepspeed_configs_fill_from_the_flags():
                                       "(zero2, zero3, zero3_offload)"),
     (["--deepspeed", "zero3_offload", "--loraplus_lr_ratio", "16"], "builds its own optimizer"),
     (["--fsdp", "--quantization_bit", "4"], "--fsdp shards the base weights"),
-    (["--fsdp", "--peft_type", "prefix"], "--fsdp with --peft_type prefix is not supported"),
+    (["--fsdp", "--fsdp_config", "missing.json"], "--fsdp_config: missing.json does not exist"),
     (["--fsdp_config", "x.json"], "--fsdp_config needs --fsdp"),
     (["--ddp_timeout", "0"], "--ddp_timeout must be at least 1 second"),
 ])
