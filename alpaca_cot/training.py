@@ -338,10 +338,12 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     peft_config = method.build_config(args, family, model, total_steps) if method.build_config else None
 
     before = None
-    if heldout and ranks > 1:
-        logger.info("--heldout_eval is skipped in a %d-process job (it scores in one process): "
-                    "run it afterwards without torchrun", ranks)
-    if heldout and ranks == 1:
+    # Scoring generates in one process, from whole weights.
+    score_heldout = bool(heldout) and ranks == 1 and not (args.deepspeed or args.fsdp)
+    if heldout and not score_heldout:
+        logger.info("--heldout_eval is skipped under torchrun, --deepspeed and --fsdp: "
+                    "it generates in one process from whole weights")
+    if score_heldout:
         logger.info("scoring %d held-out records before training", len(heldout))
         before = exact_match(LoadedModel(model, tokenizer, family, template, args.model_name_or_path), heldout)
 
@@ -416,7 +418,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     }
     if trainer.is_world_process_zero():
         save_run(trainer.model, tokenizer, output_dir, manifest, state_dict)
-    if heldout and ranks == 1:
+    if score_heldout:
         logger.info("scoring %d held-out records after training", len(heldout))
         after = exact_match(LoadedModel(trainer.model, tokenizer, family, template, args.model_name_or_path),
                             heldout)

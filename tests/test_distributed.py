@@ -149,10 +149,10 @@ def test_sigkill_mid_run_then_resume_ends_with_the_same_adapter(tiny_llama, data
     process.wait()
     assert not (out / "adapter_model.safetensors").exists()
     last = find_last_checkpoint(out)
-    assert last is not None and last.name in ("checkpoint-2", "checkpoint-3")
+    step = int(last.name.split("-")[1])
+    assert 2 <= step < STEPS  # usually 2 or 3, later on a busy machine
     # The worst torn checkpoint: everything written, trainer_state.json too, but not committed
     # (a kill before the other ranks finished, or during the commit). It must never be resumed from.
-    step = int(last.name.split("-")[1])
     torn = out / f"checkpoint-{step + 1}"
     if not torn.exists():
         shutil.copytree(last, torn)
