@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args = parse_finetune_args(argv)
         summary = run_finetune(args)
+        if not summary["main_process"]:
+            return 0  # under torchrun rank 0 reports for the job
         out = summary["output_dir"]
         print(f"trained {summary['global_step']} steps ({summary['train_seconds']:.0f} s training, "
               f"{summary['wall_seconds']:.0f} s in all); "

@@ -84,7 +84,14 @@ def build_finetune_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint folder; bare flag: the latest in --output_dir")
     g.add_argument("--report_to", default="wandb", choices=["wandb", "tensorboard", "none"])
     g.add_argument("--output_dir", help="default: saved_models/{model}_{data}_{lr}/{peft_type}")
-    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    g.add_argument("--deepspeed", metavar="CONFIG",
+                   help="DeepSpeed JSON config, or a shipped one: zero2, zero3, zero3_offload (CUDA)")
+    g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (run under torchrun)")
+    g.add_argument("--fsdp_config", metavar="JSON", help="--fsdp: file of Trainer fsdp_config keys to override")
+    g.add_argument("--ddp_timeout", type=int, default=1800,
+                   help="seconds a process waits for the others before the job fails (a dead or stuck rank)")
+    # set by torch.distributed.launch: --local_rank before torch 2.0, --local-rank since
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     g.add_argument("--size", help=argparse.SUPPRESS)  # accepted for the original's command lines; unused
     return p
 

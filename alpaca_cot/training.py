@@ -27,6 +27,21 @@ from . import __version__
 from .atomic import write_json_atomic
 from .catalog import DataSource, resolve_data
 from .data import IGNORE_INDEX, load_records, prepare_data
+from .distributed import (
+    CHECKPOINT_COMPLETE,
+    CheckpointCommitCallback,
+    check_parallel_setup,
+    device_map_for,
+    explain_peer_failure,
+    find_last_checkpoint,
+    gathered_state_dict,
+    is_complete_checkpoint,
+    is_main_process,
+    join_process_group,
+    parallel_training_arguments,
+    silence_other_ranks,
+    world_size,
+)
 from .errors import UserError
 from .evaluation import exact_match
 from .inference import RUN_MANIFEST, LoadedModel
@@ -87,28 +102,11 @@ class AdaLoraBudgetCallback(TrainerCallback):
         self.model.base_model.update_and_allocate(state.global_step)
 
 
-def world_size() -> int:
-    """Number of processes of a torchrun / torch.distributed.launch job (1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Rank 0 logs, reports and writes files."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def default_output_dir(args: Namespace) -> str:
     """The original's layout: ``saved_models/{model}_{data}_{lr}/{peft_type}``."""
     model = Path(args.model_name_or_path.rstrip("/")).name
     data = "-".join(Path(d).stem if os.sep in d or "." in d else d for d in args.data)
     return str(Path("saved_models") / f"{model}_{data}_{args.learning_rate:g}" / args.peft_type)
-
-
-def find_last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest *complete* checkpoint: ``trainer_state.json`` is the last file the Trainer writes."""
-    complete = [p for p in output_dir.glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _resume_path(args: Namespace, output_dir: Path) -> str | None:
@@ -122,6 +120,8 @@ def _resume_path(args: Namespace, output_dir: Path) -> str | None:
     path = Path(args.resume_from_checkpoint)
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"--resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json)")
+    if not is_complete_checkpoint(path):
+        logger.warning("%s has no %s: a kill while it was being saved may have torn it", path, CHECKPOINT_COMPLETE)
     return str(path)
 
 
@@ -188,12 +188,16 @@ def _package_versions() -> dict[str, str]:
     return found
 
 
-def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any]) -> None:
-    """Save adapter, tokenizer and manifest; each file lands by rename, the manifest last."""
+def save_run(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any],
+             state_dict: dict[str, Any] | None = None) -> None:
+    """Save adapter, tokenizer and manifest; each file lands by rename, the manifest last.
+
+    ``state_dict``: the gathered weights when training sharded them (ZeRO-3, FSDP).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / RUN_MANIFEST, manifest)
         (output_dir / RUN_MANIFEST).unlink(missing_ok=True)  # no manifest vouches for a half-swapped folder
@@ -263,7 +267,7 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
         logging_steps=args.logging_steps or max(1, min(10, total_steps // 50)),
         save_strategy="steps",
         save_steps=interval,
-        save_total_limit=args.save_total_limit,
+        save_total_limit=None,  # CheckpointCommitCallback rotates, after a checkpoint is complete
         eval_strategy="steps" if has_validation else "no",
         eval_steps=interval if has_validation else None,
         load_best_model_at_end=has_validation,
@@ -278,19 +282,22 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
         remove_unused_columns=False,
         ddp_find_unused_parameters=False if world_size() > 1 else None,
         log_level="warning" if is_main_process() else "error",
+        **parallel_training_arguments(args),
     )
 
 
 def run_finetune(args: Namespace) -> dict[str, Any]:
     """Train as the flags say; return a summary (losses, held-out metric, output folder)."""
     import torch
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
     started = time.time()
+    silence_other_ranks()
     # Everything cheap is checked before the model is loaded.
     sources = resolve_data(args.data)
     method = get_method(args.peft_type)
     _apply_method_constraints(args, method)
+    check_parallel_setup(args, method, torch.cuda.is_available())
     model_path = resolve_model_path(args.model_name_or_path)
     family = resolve_family(args.model_type, model_path, args.trust_remote_code)
     template = resolve_template(args.template, family)
@@ -320,12 +327,22 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
                 "processes; %d optimizer steps", len(data.train), len(data.validation or []), global_batch,
                 args.per_gpu_train_batch_size, args.gradient_accumulation_steps, ranks, total_steps)
 
-    device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if on_cuda else None
+    has_validation = data.validation is not None and len(data.validation) > 0
+    # Before the model: with ZeRO-3 the arguments make from_pretrained load the weights already sharded.
+    join_process_group(args.ddp_timeout, on_cuda)
+    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to)
+    set_seed(args.seed)  # the adapter's initial weights: same seed, same run (also across process counts)
+    device_map = device_map_for(args, on_cuda)
     model = load_model(model_path, family, load_dtype, args.quantization_bit, device_map, args.trust_remote_code)
     peft_config = method.build_config(args, family, model, total_steps) if method.build_config else None
 
     before = None
-    if heldout and ranks == 1:
+    # Scoring generates in one process, from whole weights.
+    score_heldout = bool(heldout) and ranks == 1 and not (args.deepspeed or args.fsdp)
+    if heldout and not score_heldout:
+        logger.info("--heldout_eval is skipped under torchrun, --deepspeed and --fsdp: "
+                    "it generates in one process from whole weights")
+    if score_heldout:
         logger.info("scoring %d held-out records before training", len(heldout))
         before = exact_match(LoadedModel(model, tokenizer, family, template, args.model_name_or_path), heldout)
 
@@ -339,9 +356,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     trainable, total = _count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    has_validation = data.validation is not None and len(data.validation) > 0
-    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to)
-    callbacks: list[TrainerCallback] = [LossProgressCallback()]
+    callbacks: list[TrainerCallback] = [LossProgressCallback(), CheckpointCommitCallback(args.save_total_limit)]
     if method.reallocates_rank:
         callbacks.append(AdaLoraBudgetCallback(model))
     optimizer = None
@@ -365,11 +380,14 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing raw dicts
-    result = trainer.train(resume_from_checkpoint=resume)
+    with explain_peer_failure():
+        result = trainer.train(resume_from_checkpoint=resume)
+        state_dict = gathered_state_dict(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     summary: dict[str, Any] = {
         "output_dir": str(output_dir),
+        "main_process": trainer.is_world_process_zero(),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "first_loss": losses[0] if losses else None,
@@ -398,8 +416,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "result": summary,
     }
     if trainer.is_world_process_zero():
-        save_run(trainer.model, tokenizer, output_dir, manifest)
-    if heldout and ranks == 1:
+        save_run(trainer.model, tokenizer, output_dir, manifest, state_dict)
+    if score_heldout:
         logger.info("scoring %d held-out records after training", len(heldout))
         after = exact_match(LoadedModel(trainer.model, tokenizer, family, template, args.model_name_or_path),
                             heldout)
