@@ -214,6 +214,7 @@ def download_datasets(names: list[str], local_dir: Path | None = None, revision:
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hf_logging
 
     catalog = load_catalog()
     unknown = [name for name in names if name not in catalog]
@@ -226,19 +227,27 @@ def download_datasets(names: list[str], local_dir: Path | None = None, revision:
         entry = catalog[name]
         if not entry.hub_patterns:
             raise _missing_dataset_error(entry)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "no connection"
+        unreachable = UserError(
+            f"download {name}: cannot reach the Hugging Face Hub ({why}); run it where the hub is reachable, "
+            f"or copy {', '.join(entry.hub_patterns)} from {HUB_DATASET} into {local_dir}")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its "returning existing local_dir" warning would hide our one line
         try:
             snapshot_download(HUB_DATASET, repo_type="dataset", revision=revision, allow_patterns=entry.hub_patterns,
                               local_dir=local_dir)
         except LocalEntryNotFoundError as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-            why = "HF_HUB_OFFLINE is set" if offline else "no connection"
-            raise UserError(f"download {name}: cannot reach the Hugging Face Hub ({why}); run it on a machine "
-                            f"with network and copy {', '.join(entry.hub_patterns)} into {local_dir}") from exc
+            raise unreachable from exc
         except HfHubHTTPError as exc:
             raise UserError(f"download {name}: the hub refused {HUB_DATASET} "
                             f"({str(exc).splitlines()[0]})") from exc
-        found = _files_of(entry) if local_dir == data_dir() else None
-        fetched += found or [local_dir / pattern for pattern in entry.hub_patterns]
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        found = sorted(p for pattern in entry.hub_patterns for p in local_dir.glob(pattern) if p.is_file())
+        if not found:  # offline, snapshot_download answers with the existing folder instead of failing
+            raise unreachable
+        fetched += found
     return fetched
 
 
