@@ -112,6 +112,13 @@ class DataSource:
         return self.paths or (self.path,)
 
 
+def _suggest(name: str, catalog: dict[str, CatalogEntry]) -> str:
+    """Did-you-mean, ignoring case (the table mixes ``GAOKAO``, ``dolly``, ``CodeAlpaca``)."""
+    lowered = {key.lower(): key for key in catalog}
+    hint = did_you_mean(name.lower(), lowered)
+    return hint and hint.replace(repr(hint.split("'")[1]), repr(lowered[hint.split("'")[1]]))
+
+
 def _find_on_disk(file: str, also_named: tuple[str, ...] = ()) -> Path | None:
     root = data_dir()
     for candidate in (file, *also_named):
@@ -194,7 +201,7 @@ def _resolve_one(spec: str, catalog: dict[str, CatalogEntry]) -> DataSource:
     if path.suffix or os.sep in target:
         raise UserError(f"--data: file {target} does not exist")
     raise UserError(
-        f"--data: {target!r} is neither a dataset name nor a file{did_you_mean(target, catalog)}; "
+        f"--data: {target!r} is neither a dataset name nor a file{_suggest(target, catalog)}; "
         "list the names with `python -m alpaca_cot.data list`"
     )
 
@@ -219,7 +226,7 @@ def download_datasets(names: list[str], local_dir: Path | None = None, revision:
     catalog = load_catalog()
     unknown = [name for name in names if name not in catalog]
     if unknown:
-        raise UserError(f"download: unknown dataset {unknown[0]!r}{did_you_mean(unknown[0], catalog)}; "
+        raise UserError(f"download: unknown dataset {unknown[0]!r}{_suggest(unknown[0], catalog)}; "
                         "list the names with `python -m alpaca_cot.data list`")
     local_dir = Path(local_dir or data_dir())
     fetched: list[Path] = []
