@@ -123,6 +123,19 @@ def test_malformed_source_records_are_named(tmp_path):
         load_records(path)
 
 
+def test_batched_tokenization_equals_record_by_record(tiny_tokenizer, tmp_path):
+    from alpaca_cot.data import tokenize_batch
+
+    chat = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                              {"from": "human", "value": "bye"}, {"from": "gpt", "value": "ciao"}]}
+    records = load_records(_write_jsonl(tmp_path / "mixed.jsonl", SAMPLE_RECORDS + [chat]))
+    batch = {key: [r[key] for r in records] for key in records[0]}
+    for cutoff in (1024, 20):
+        batched = tokenize_batch(batch, tiny_tokenizer, ALPACA, cutoff, [1])
+        one_by_one = [tokenize_record(r, tiny_tokenizer, ALPACA, cutoff, [1]) for r in records]
+        assert batched == {key: [e[key] for e in one_by_one] for key in ("input_ids", "attention_mask", "labels")}
+
+
 def _prepare(tokenizer, tmp_path, specs, val=0, seed=0, **options):
     return prepare_data(resolve_data(specs), tokenizer, ALPACA, 256, val, seed,
                         DataOptions(cache_dir=tmp_path / "cache", **options))
@@ -244,3 +257,21 @@ def test_training_on_real_sharegpt_conversations(tiny_llama, tmp_path):
     data = SHARED_DATA / "fastchat" / "dummy_conversation.json"
     assert train_tiny(tiny_llama, data, tmp_path / "run", "--max_steps", "2", "--cutoff_len", "256",
                       "--data_cache_dir", str(tmp_path / "cache")) == 0
+
+
+def test_validate_reports_problems_duplicates_and_token_lengths(tiny_llama, tmp_path, capsys):
+    from alpaca_cot.data.commands import main as data_main
+
+    rows = SAMPLE_RECORDS + SAMPLE_RECORDS[:2] + [{"instruction": "x", "input": "", "output": "y" * 2000}]
+    path = _write_jsonl(tmp_path / "v.jsonl", rows)
+    path.write_text(path.read_text() + '{"prompt": "p"}\n')
+    assert data_main(["validate", str(path), "--model", str(tiny_llama), "--cutoff_len", "200"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (report["source_records"], report["records"], report["malformed"]) == (14, 13, 1)
+    assert report["first_problems"] == [f"{path}:14 has no 'instruction' key (keys: prompt)"]
+    assert report["exact_duplicates"] == 2 and report["empty_fields"]["input"] == 3
+    tokens = report["tokens"]
+    assert tokens["template"] == "alpaca" and tokens["over_cutoff_len"] == 1 and tokens["max"] > 200
+    assert tokens["p50"] <= tokens["p90"] <= tokens["p99"] <= tokens["max"]
+    good = _write_jsonl(tmp_path / "good.jsonl", SAMPLE_RECORDS)
+    assert data_main(["validate", str(good)]) == 0 and "tokens" not in json.loads(capsys.readouterr().out)

@@ -9,6 +9,7 @@ from .encoding import (
     encode_segments,
     record_to_messages,
     special_prefix_ids,
+    tokenize_batch,
     tokenize_record,
 )
 from .prepare import (
@@ -25,5 +26,5 @@ from .records import iter_records, load_records, read_records
 __all__ = [
     "IGNORE_INDEX", "DataOptions", "PreparedData", "check_data_args", "default_cache_dir", "effective_val_size",
     "encode_conversation", "encode_segments", "file_sha256", "iter_records", "load_records", "prepare_data",
-    "read_records", "record_to_messages", "special_prefix_ids", "tokenize_record",
+    "read_records", "record_to_messages", "special_prefix_ids", "tokenize_batch", "tokenize_record",
 ]
