@@ -150,3 +150,18 @@ def test_convert_stops_at_a_bad_record_unless_told_to_skip(tmp_path, capsys):
     assert not out.exists()  # nothing half-written
     assert data_main(["convert", "--skip_bad_records", str(source), str(out)]) == 0
     assert "1 records from 3 source records" in capsys.readouterr().out and len(out.read_text().splitlines()) == 1
+
+
+@needs_shared_data
+def test_every_real_format_trains_in_one_mixture(tiny_llama, tmp_path):
+    from tests.conftest import train_tiny
+
+    sources = [f"{FLAN / 'aqua_train.tsv'}:8", f"{SHARED_DATA / 'gsm8k' / 'train.jsonl'}:8",
+               f"{SHARED_DATA / 'gaokao_bench' / 'Objective_Questions' / '*Physics*.json'}:8",
+               f"{SHARED_DATA / 'dolly' / 'dolly.json'}:4", f"{SHARED_DATA / 'firefly' / 'dummy_data.jsonl'}:4",
+               f"{SHARED_DATA / 'fastchat' / 'dummy_conversation.json'}:8", f"{SHARED_DATA / 'belle' / 'dev1K.json'}:8"]
+    out = tmp_path / "run"
+    assert train_tiny(tiny_llama, FLAN / "aqua_train.tsv", out, "--data", *sources, "--max_steps", "2",
+                      "--cutoff_len", "256", "--data_cache_dir", str(tmp_path / "cache")) == 0
+    manifest = json.loads((out / "alpaca_cot_run.json").read_text())
+    assert [d["records_used"] for d in manifest["data"]] == [8, 8, 8, 4, 4, 8, 8]

@@ -127,14 +127,25 @@ def _tokenized_features() -> Any:
                      "labels": List(Value("int32"))})
 
 
-def _generate_rows(path: str, sha256: str, data_format: str | None, seed: int) -> Iterator[dict[str, Any]]:
-    """Rows of one file; a bad record becomes a row whose ``error`` names it (``sha256`` keys the cache)."""
+def _generate_rows(path: str, sha256: str, data_format: str | None, seed: int, reader: str) -> Iterator[dict[str, Any]]:
+    """Rows of one file; a bad record becomes a row whose ``error`` names it (``sha256``, ``reader`` key the cache)."""
     empty = {"instruction": "", "input": "", "output": "", "conversation": []}
     for result in iter_records(Path(path), data_format, seed):
         if result.error:
             yield {**empty, "error": f"{Path(result.location).name} {result.error}"}
         else:
             yield {**result.record, "error": ""}
+
+
+def _reader_version() -> str:
+    """Hash of the code and templates that turn files into records: a change there invalidates read caches."""
+    from .. import formats
+    from . import records
+
+    digest = hashlib.sha256(PIPELINE_VERSION.encode())
+    for path in (Path(formats.__file__), Path(records.__file__), formats.FLAN_TEMPLATES_FILE):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_file(path: Path, sha256: str, options: DataOptions, seed: int, cache_dir: Path) -> Any:
@@ -145,7 +156,8 @@ def _read_file(path: Path, sha256: str, options: DataOptions, seed: int, cache_d
 
     # FLAN CoT templates are drawn with the seed: only then does the seed change the records
     record_seed = seed if path.suffix.lower() == ".tsv" or flan_task(path.name) else 0
-    kwargs = {"path": str(path.resolve()), "sha256": sha256, "data_format": options.data_format, "seed": record_seed}
+    kwargs = {"path": str(path.resolve()), "sha256": sha256, "data_format": options.data_format, "seed": record_seed,
+              "reader": _reader_version()}
     return Dataset.from_generator(_generate_rows, features=_features(), gen_kwargs=kwargs,
                                   cache_dir=str(cache_dir / "read"))
 
