@@ -214,6 +214,8 @@ def test_streaming_reads_lazily_with_the_same_columns(tiny_tokenizer, tmp_path):
     assert data.streaming and data.train_size is None and len(data.validation) == 4
     examples = list(data.train)
     assert len(examples) == 16 and set(examples[0]) == {"input_ids", "attention_mask", "labels"}
+    small = _prepare(tiny_tokenizer, tmp_path, [str(path)], val=2000, streaming=True)
+    assert len(small.validation) == 3 and len(list(small.train)) == 32  # capped at a tenth, as without streaming
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(UserError, match=r"bad.jsonl:2 malformed JSON Lines.*--skip_bad_records"):

@@ -28,7 +28,8 @@ PERCENTILES = (50, 90, 99)
 
 def build_parser() -> argparse.ArgumentParser:
     """Sub-commands and their flags."""
-    p = argparse.ArgumentParser(prog="python -m alpaca_cot.data", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m alpaca_cot.data", description="List, download, convert and "
+                                "validate instruction datasets.",
                                 allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("list", help="print the catalog (filter by tags)")

@@ -407,9 +407,12 @@ def _prepare_streaming(sources: list[DataSource], tokenizer: Any, template: Any,
     kwargs = {"sources": plan, "data_format": options.data_format, "seed": seed, "dedup": options.dedup,
               "skip_bad_records": options.skip_bad_records}
     stream = IterableDataset.from_generator(_stream_rows, features=features, gen_kwargs=kwargs)
-    head = list(stream.take(max(val_set_size, 1)))
+    head = list(stream.take(val_set_size + 1))
     if not head:
         raise UserError(f"--data {' '.join(s.name for s in sources)}: no usable records")
+    if len(head) <= val_set_size:  # the whole stream is shorter: cap the split as for map-style data
+        val_set_size = effective_val_size(val_set_size, len(head))
+        head = head[:val_set_size] or head[:1]
     prefix_ids = special_prefix_ids(tokenizer)
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
