@@ -300,8 +300,9 @@ def prepare_data(
     order = np.random.default_rng(seed).permutation(len(records))
     train_rows, val_rows = np.sort(order[val_size:]), np.sort(order[:val_size])
     prefix_ids = special_prefix_ids(tokenizer)
-    key = _fingerprint(PIPELINE_VERSION, [m["files"] for m in manifest], selections, options.dedup, seed, val_size,
-                       _tokenizer_identity(tokenizer), repr(template), cutoff_len, prefix_ids)
+    key = _fingerprint(_reader_version(), options.data_format, [m["files"] for m in manifest], selections,
+                       options.dedup, seed, val_size, _tokenizer_identity(tokenizer), repr(template), cutoff_len,
+                       prefix_ids)
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         return tokenize_batch(batch, tokenizer, template, cutoff_len, prefix_ids)
