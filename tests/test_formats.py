@@ -61,13 +61,17 @@ def test_flan_template_choice_is_seeded():
 
 
 @needs_shared_data
-def test_gaokao_objective_questions():
+def test_gaokao_objective_questions(tmp_path):
     files = sorted((SHARED_DATA / "gaokao_bench" / "Objective_Questions").glob("*.json"))
     records = [r for path in files for r in load_records(path)]
     assert len(files) == 14 and len(records) == 1781
     math = load_records(SHARED_DATA / "gaokao_bench" / "Objective_Questions" / "2010-2022_Math_I_MCQs.json")
     assert math[0]["instruction"].startswith("1. （5 分) 已知集合") and math[0]["output"].endswith("答案：D")
     assert math[0]["output"].startswith("解:")  # the analysis comes first, then the answer
+    minified = tmp_path / "math.json"
+    minified.write_text(json.dumps(json.loads(files[9].read_text(encoding="utf-8")), ensure_ascii=False),
+                        encoding="utf-8")
+    assert load_records(minified) == load_records(files[9])
 
 
 @needs_shared_data

@@ -148,6 +148,10 @@ def _iter_json_lines(path: Path) -> Iterator[RawRecord]:
                     yield RawRecord(f"{path}:{lineno}", _Malformed(
                         f"malformed JSON Lines record ({exc.msg}); expected one JSON object per line or a JSON array"))
                     continue
+                if isinstance(value, dict) and isinstance(value.get("example"), list):  # a minified GAOKAO file
+                    for index, item in enumerate(value["example"]):
+                        yield RawRecord(f"{path}:{lineno}: example {index}", item, hint="gaokao")
+                    continue
                 yield RawRecord(f"{path}:{lineno}", value)
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}:{lineno + 1}: not UTF-8 text; save it as UTF-8") from exc
