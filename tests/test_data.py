@@ -178,6 +178,9 @@ def test_dedup_and_bad_records(tiny_tokenizer, tmp_path):
                                         r"JSON Lines.*bad.jsonl:17 has no 'instruction' key.*--skip_bad_records"):
         _prepare(tiny_tokenizer, tmp_path, [str(bad)])
     skipped = _prepare(tiny_tokenizer, tmp_path, [str(bad)], skip_bad_records=True)
+    bad_first = tmp_path / "bad_first.jsonl"
+    bad_first.write_text('{"instruction": "a" "output": "b"}\n' + path.read_text())
+    assert _prepare(tiny_tokenizer, tmp_path, [str(bad_first)], skip_bad_records=True).bad_records == 1
     assert len(skipped.train) == 15 and skipped.bad_records == 2 and skipped.manifest[0]["bad_records_skipped"] == 2
     nothing = _write_jsonl(tmp_path / "nothing.jsonl", [{"prompt": "p"}])
     with pytest.raises(UserError, match="no usable records"):

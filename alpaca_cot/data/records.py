@@ -164,15 +164,21 @@ class _Malformed:
         self.message = message
 
 
-def _first_line_is_json(path: Path) -> bool:
+def _looks_like_json_lines(path: Path, probe: int = 5) -> bool:
+    """Whether one of the first non-empty lines is a JSON object on its own (a malformed first line may not be)."""
     with _open_text(path) as f:
+        seen = 0
         for text in f:
-            if text.strip():
-                try:
-                    json.loads(text)
+            if not text.strip():
+                continue
+            try:
+                if isinstance(json.loads(text), dict):
                     return True
-                except json.JSONDecodeError:
-                    return False
+            except json.JSONDecodeError:
+                pass
+            seen += 1
+            if seen >= probe:
+                break
     return False
 
 
@@ -216,7 +222,7 @@ def iter_raw_records(path: Path) -> Iterator[RawRecord]:
     first = _first_char(path)
     if first == "[":
         yield from _iter_json_array(path)
-    elif first == "{" and not _first_line_is_json(path):
+    elif first == "{" and not _looks_like_json_lines(path):
         yield from _iter_json_object(path)
     elif first in ("{", ""):
         yield from _iter_json_lines(path)
