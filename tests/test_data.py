@@ -1,6 +1,7 @@
 """Reading files, record checks, mixtures, dedup, caching, streaming and every bad-input message."""
 
 import json
+import os
 
 import pytest
 
@@ -191,11 +192,11 @@ def test_second_prepare_loads_the_tokenized_cache(tiny_tokenizer, tmp_path):
     path = _write_jsonl(tmp_path / "data.jsonl", SAMPLE_RECORDS * 5)
     first = _prepare(tiny_tokenizer, tmp_path, [str(path)], val=3)
     files = [f["filename"] for f in first.train.cache_files]
-    stamps = {name: __import__("os").stat(name).st_mtime_ns for name in files}
+    stamps = {name: os.stat(name).st_mtime_ns for name in files}
     second = _prepare(tiny_tokenizer, tmp_path, [str(path)], val=3)
     assert not first.cache_hit and second.cache_hit
     assert [f["filename"] for f in second.train.cache_files] == files
-    assert {name: __import__("os").stat(name).st_mtime_ns for name in files} == stamps  # not re-tokenized
+    assert {name: os.stat(name).st_mtime_ns for name in files} == stamps  # not re-tokenized
     assert second.train["input_ids"] == first.train["input_ids"] and len(second.validation) == 3
     third = prepare_data(resolve_data([str(path)]), tiny_tokenizer, ALPACA, 64, 3, 0,
                          DataOptions(cache_dir=tmp_path / "cache"))
