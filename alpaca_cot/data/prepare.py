@@ -322,7 +322,14 @@ def prepare_data(
         return mapped, hit
 
     train, cache_hit = tokenized(train_rows, "train")
-    keep = _learnable_rows(train)
+    keep_file = tokenized_dir / f"{key}-train.keep.npy"
+    if cache_hit and keep_file.is_file():
+        keep = np.load(keep_file)  # a rerun does not even scan the cached labels
+    else:
+        keep = _learnable_rows(train)
+        partial = keep_file.with_name(f".{keep_file.name}.{os.getpid()}.tmp.npy")
+        np.save(partial, keep)
+        os.replace(partial, keep_file)
     dropped = len(train) - len(keep)
     if dropped:
         logger.warning("%d examples dropped: their response starts after --cutoff_len %d", dropped, cutoff_len)
