@@ -9,6 +9,7 @@ with an amount: ``alpaca:0.5`` (a fraction of the records) or ``belle:20000`` (a
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
@@ -18,7 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, did_you_mean
+from .errors import UserError
 
 HUB_DATASET = "QingyiSi/Alpaca-CoT"
 DATA_SUFFIXES = (".json", ".jsonl", ".tsv")
@@ -115,8 +116,8 @@ class DataSource:
 def _suggest(name: str, catalog: dict[str, CatalogEntry]) -> str:
     """Did-you-mean, ignoring case (the table mixes ``GAOKAO``, ``dolly``, ``CodeAlpaca``)."""
     lowered = {key.lower(): key for key in catalog}
-    hint = did_you_mean(name.lower(), lowered)
-    return hint and hint.replace(repr(hint.split("'")[1]), repr(lowered[hint.split("'")[1]]))
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
 def _find_on_disk(file: str, also_named: tuple[str, ...] = ()) -> Path | None:
