@@ -42,7 +42,19 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--compute_dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="training precision on CUDA; fp32 on CPU unless bf16")
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="*", help="dataset names or JSON/JSONL files (default: the demo recipe)")
+    g.add_argument("--data", nargs="*",
+                   help="dataset names (`python -m alpaca_cot.data list`), files or globs, each optionally with an "
+                        "amount: alpaca:0.5 (fraction) or belle:20000 (records), sampled with --seed "
+                        "(default: the demo recipe)")
+    g.add_argument("--data_format", help="force one source format for every file (default: detected per record)")
+    g.add_argument("--dedup", action="store_true", help="drop exact duplicate records at load time")
+    g.add_argument("--skip_bad_records", action="store_true",
+                   help="leave out malformed records (counted in the log and manifest) instead of stopping")
+    g.add_argument("--preprocessing_num_workers", type=int, help="processes that tokenize (default: 1)")
+    g.add_argument("--streaming", action="store_true",
+                   help="read the data lazily (IterableDataset, nothing materialised); needs --max_steps")
+    g.add_argument("--data_cache_dir", help="where read and tokenized data are cached "
+                                            "(default: ~/.cache/alpaca_cot/datasets)")
     g.add_argument("--cutoff_len", type=int, default=512, help="truncate examples to this many tokens")
     g.add_argument("--val_set_size", type=int, default=2000, help="held-out validation records (capped at 10%%)")
     g.add_argument("--heldout_eval", type=int, default=0,

@@ -26,7 +26,7 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 from . import __version__
 from .atomic import write_json_atomic
 from .catalog import DataSource, resolve_data
-from .data import IGNORE_INDEX, load_records, prepare_data
+from .data import IGNORE_INDEX, DataOptions, check_data_args, load_records, prepare_data
 from .distributed import (
     CHECKPOINT_COMPLETE,
     CheckpointCommitCallback,
@@ -294,6 +294,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     started = time.time()
     silence_other_ranks()
     # Everything cheap is checked before the model is loaded.
+    check_data_args(args)
     sources = resolve_data(args.data)
     method = get_method(args.peft_type)
     _apply_method_constraints(args, method)
@@ -317,15 +318,19 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(model_path, family, args.trust_remote_code)
     tokenizer.padding_side = "right"  # training pads on the right; generation pads its own batches left
-    data = prepare_data(sources, tokenizer, template, args.cutoff_len, args.val_set_size, args.seed)
+    data = prepare_data(sources, tokenizer, template, args.cutoff_len, args.val_set_size, args.seed,
+                        DataOptions.from_args(args))
     ranks = world_size()
     global_batch = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * ranks
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / (args.per_gpu_train_batch_size * ranks))
-                                / args.gradient_accumulation_steps)
-    total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(steps_per_epoch * args.epochs))
-    logger.info("%d training examples (%d validation); global batch %d = %d per device x %d accumulation x %d "
-                "processes; %d optimizer steps", len(data.train), len(data.validation or []), global_batch,
-                args.per_gpu_train_batch_size, args.gradient_accumulation_steps, ranks, total_steps)
+    if args.max_steps > 0:  # a stream (--streaming) has no length: check_data_args requires --max_steps
+        total_steps = args.max_steps
+    else:
+        steps_per_epoch = math.ceil(math.ceil(data.train_size / (args.per_gpu_train_batch_size * ranks))
+                                    / args.gradient_accumulation_steps)
+        total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
+    logger.info("%s training examples (%d validation); global batch %d = %d per device x %d accumulation x %d "
+                "processes; %d optimizer steps", data.train_size or "streamed", len(data.validation or []),
+                global_batch, args.per_gpu_train_batch_size, args.gradient_accumulation_steps, ranks, total_steps)
 
     has_validation = data.validation is not None and len(data.validation) > 0
     # Before the model: with ZeRO-3 the arguments make from_pretrained load the weights already sharded.
@@ -395,7 +400,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "global_batch": global_batch,
-        "train_examples": len(data.train),
+        "train_examples": data.train_size,
         "train_seconds": result.metrics.get("train_runtime"),
         "example": data.example,
         "heldout_before": before.accuracy if before else None,
