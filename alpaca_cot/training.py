@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from . import __version__
 from .atomic import write_json_atomic
-from .catalog import DataSource, resolve_data
+from .catalog import DataSource, parse_data_spec, resolve_data
 from .data import IGNORE_INDEX, DataOptions, check_data_args, load_records, prepare_data
 from .distributed import (
     CHECKPOINT_COMPLETE,
@@ -105,7 +106,12 @@ class AdaLoraBudgetCallback(TrainerCallback):
 def default_output_dir(args: Namespace) -> str:
     """The original's layout: ``saved_models/{model}_{data}_{lr}/{peft_type}``."""
     model = Path(args.model_name_or_path.rstrip("/")).name
-    data = "-".join(Path(d).stem if os.sep in d or "." in d else d for d in args.data)
+    names = []
+    for spec in args.data:
+        target = parse_data_spec(spec)[0]  # `alpaca:0.5` names the folder `alpaca`
+        name = Path(target).stem if os.sep in target or "." in target else target
+        names.append(re.sub(r"[*?\[\]]+", "", name) or "data")  # a glob's wildcards make poor folder names
+    data = "-".join(names)
     return str(Path("saved_models") / f"{model}_{data}_{args.learning_rate:g}" / args.peft_type)
 
 

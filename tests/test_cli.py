@@ -81,3 +81,15 @@ def test_every_shipped_config_parses():
         first_lines = config.read_text().splitlines()[:6]
         assert any("python uniform_finetune.py" in line for line in first_lines), f"{config} lacks its command"
         parse_finetune_args(["--config", str(config)])
+
+
+def test_default_output_dir_follows_the_original_layout_without_mixture_amounts_or_wildcards():
+    from argparse import Namespace
+
+    from alpaca_cot.training import default_output_dir
+
+    args = Namespace(model_name_or_path="models/llama-7b/", data=["alpaca:0.5", "belle:2000", "./x/mine.json"],
+                     learning_rate=3e-4, peft_type="lora")
+    assert default_output_dir(args) == "saved_models/llama-7b_alpaca-belle-mine_0.0003/lora"
+    args.data = ["data/*.jsonl"]
+    assert default_output_dir(args) == "saved_models/llama-7b_data_0.0003/lora"
