@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         from alpaca_cot.judge import JudgeClient
 
         _check(args)
-        items = load_items(args.task, Path(args.data), args.limit, args.generate)  # data mistakes surface before the model loads
+        # Data mistakes surface before the model loads.
+        items = load_items(args.task, Path(args.data), args.limit, args.generate)
         judge = None
         if args.task == "judge":
             judge = JudgeClient(args.judge_url, args.judge_model, Path(args.judge_cache),
