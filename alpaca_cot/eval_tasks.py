@@ -216,30 +216,40 @@ def _prompts(loaded: LoadedModel, items: list[EvalItem], options: EvalOptions,
 def option_logprobs(loaded: LoadedModel, prompt: list[int], letters: str) -> dict[str, float]:
     """Log-probability of each option letter as the whole start of the answer to ``prompt``.
 
-    All candidates go through the model in one right-padded batch; a letter that is
-    several tokens long gets the sum of its tokens' log-probabilities.
+    A letter that is several tokens long gets the sum of its tokens' log-probabilities.
     """
     import torch
 
     model, tokenizer = loaded.model, loaded.tokenizer
-    device = next(model.parameters()).device
     continuations = [tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in letters]
+    if any(len(c) != 1 for c in continuations):
+        return dict(zip(letters, continuation_logprobs(loaded, prompt, continuations)))
+    # The usual case: one pass over the prompt scores every letter.
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt], device=next(model.parameters()).device)).logits
+    logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1)
+    return {letter: float(logprobs[c[0]]) for letter, c in zip(letters, continuations)}
+
+
+def continuation_logprobs(loaded: LoadedModel, prompt: list[int], continuations: list[list[int]]) -> list[float]:
+    """Summed log-probability of each token sequence following ``prompt``, all in one right-padded batch."""
+    import torch
+
+    model, tokenizer = loaded.model, loaded.tokenizer
     width = len(prompt) + max(len(c) for c in continuations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(letters), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(letters), width), dtype=torch.long)
+    input_ids = torch.full((len(continuations), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(continuations), width), dtype=torch.long)
     for row, continuation in enumerate(continuations):
         ids = prompt + continuation
         input_ids[row, :len(ids)] = torch.tensor(ids)
         attention[row, :len(ids)] = 1
+    device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    scores = {}
-    for row, (letter, continuation) in enumerate(zip(letters, continuations)):
-        positions = range(len(prompt) - 1, len(prompt) - 1 + len(continuation))
-        scores[letter] = float(sum(logprobs[row, p, t] for p, t in zip(positions, continuation)))
-    return scores
+    return [float(sum(logprobs[row, len(prompt) - 1 + i, token] for i, token in enumerate(continuation)))
+            for row, continuation in enumerate(continuations)]
 
 
 def parse_choice(text: str, letters: str) -> str | None:

@@ -79,7 +79,7 @@ def test_choice_likelihood_equals_hand_computed_log_probabilities(tiny_llama, tm
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alpaca_cot.eval_tasks import CHOICE_PROMPT
+    from alpaca_cot.eval_tasks import CHOICE_PROMPT, continuation_logprobs
     from alpaca_cot.inference import load_for_inference, prompt_ids
     from alpaca_cot.templates import Message
 
@@ -105,6 +105,11 @@ def test_choice_likelihood_equals_hand_computed_log_probabilities(tiny_llama, tm
             expected = sum(torch.log_softmax(logits[len(prompt) - 1 + i], -1)[t].item()
                            for i, t in enumerate(letter_ids))
             assert logprob == pytest.approx(expected, abs=1e-3)
+        # Letters of several tokens go through the batched path; it agrees on single tokens too.
+        letters = list(result["logprobs"])
+        batched = continuation_logprobs(loaded, prompt, [loaded.tokenizer(x, add_special_tokens=False)["input_ids"]
+                                                         for x in letters])
+        assert batched == pytest.approx([result["logprobs"][x] for x in letters], abs=1e-3)
         assert result["prediction"] == max(result["logprobs"], key=result["logprobs"].get)
         assert result["correct"] == (result["prediction"] == result["reference"])
 
