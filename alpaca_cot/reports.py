@@ -105,6 +105,9 @@ def line_chart(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path:
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
     for label, (xs, ys) in curves.items():
         axes.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)

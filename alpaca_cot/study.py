@@ -120,6 +120,8 @@ def load_study(path: Path, output_dir: str | None = None) -> Study:
             problems.append(f"{where}: data file {spec.get('data')!r} does not exist")
         spec.setdefault("name", f"{spec.get('task')}-{Path(str(spec.get('data'))).stem}")
     peft_settings = grid_file.get("peft_settings") or {}
+    problems += [f"peft_settings: {k!r} is not a --peft_type of the grid ({', '.join(methods)})"
+                 for k in peft_settings if k not in methods]
     root = Path(output_dir or grid_file.get("output_dir") or Path("studies") / path.stem)
 
     cells = []
