@@ -120,7 +120,7 @@ def write_summary(output_dir: Path, summary: dict[str, Any], title: str) -> str:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, output_dir / SUMMARY_MARKDOWN)
     names = list(summary["categories"])
-    bar_chart(names, [summary["categories"][n][metric] or 0.0 for n in names], output_dir / CHART_FILE, title,
+    bar_chart(names, [summary["categories"][n][metric] for n in names], output_dir / CHART_FILE, title,
               metric, counts=[summary["categories"][n]["records"] for n in names])
     return text
 

@@ -57,19 +57,20 @@ def _save(figure: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], path: Path, title: str, ylabel: str,
+def bar_chart(labels: Sequence[str], values: Sequence[float | None], path: Path, title: str, ylabel: str,
               counts: Sequence[int] | None = None) -> None:
-    """One bar per label with its value written on top (and ``n=`` when counts are given)."""
+    """One bar per label with its value written on top (and ``n=`` when counts are given); ``None`` is n/a."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
-    bars = axes.bar(range(len(labels)), values, color="#4C72B0")
+    bars = axes.bar(range(len(labels)), [v or 0.0 for v in values], color="#4C72B0")
     for index, bar in enumerate(bars):
-        note = f"{values[index]:.2f}" + (f"\nn={counts[index]}" if counts else "")
+        shown = "n/a" if values[index] is None else f"{values[index]:.2f}"
+        note = shown + (f"\nn={counts[index]}" if counts else "")
         axes.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                       fontsize=8)
     axes.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0, ha="right"
                     if len(labels) > 3 else "center", fontsize=8)
-    axes.set_ylim(0, max(1.0, max(values, default=0) * 1.25))
+    axes.set_ylim(0, max(1.0, max((v or 0.0 for v in values), default=0) * 1.25))
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     _save(figure, path)
