@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -35,3 +38,16 @@ def save_pretrained_atomic(model: Any, tokenizer: Any, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_complete_lines(path: Path) -> list[str]:
+    """Lines of a JSON Lines results file written by an interrupted run; a torn last line is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # bytes after the last newline are a torn write
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+        logger.info("%s: dropped an incomplete last line from an interrupted run", path)
+    return complete.decode("utf-8").splitlines()

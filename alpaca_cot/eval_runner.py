@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json_atomic
+from .atomic import read_complete_lines, write_json_atomic
 from .errors import UserError
 from .eval_tasks import TASKS, EvalItem, EvalOptions, EvalTask
 from .inference import LoadedModel
@@ -48,15 +48,7 @@ class EvalRun:
 
 def read_finished(result_path: Path, items: list[EvalItem]) -> int:
     """Number of complete result lines matching ``items``; a torn last line is cut off."""
-    if not result_path.is_file():
-        return 0
-    data = result_path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # bytes after the last newline are a torn write
-    if len(complete) != len(data):
-        with open(result_path, "r+b") as f:
-            f.truncate(len(complete))
-        logger.info("%s: dropped an incomplete last line from an interrupted run", result_path)
-    lines = complete.decode("utf-8").splitlines()
+    lines = read_complete_lines(result_path)
     for number, line in enumerate(lines[:len(items)]):  # lines past a smaller --limit are kept, not checked
         try:
             done = json.loads(line)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_records, read_records
+from .data.records import iter_raw_records
 from .errors import UserError
 from .evaluation import extract_answer
 from .inference import LoadedModel, generate_batch, prompt_ids
@@ -162,11 +163,10 @@ def load_choice_items(path: Path) -> list[EvalItem]:
         with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
     else:
-        rows = read_records(path)
-        if isinstance(rows, list) and len(rows) == 1 and isinstance(rows[0], dict) and "example" in rows[0]:
-            rows = rows[0]  # a one-line GAOKAO-Bench file reads like JSON Lines
-        if isinstance(rows, dict) and "example" in rows:
+        first = next(iter_raw_records(path), None)
+        if first is not None and first.hint == "gaokao":  # the reader recognises GAOKAO-Bench's {example: [...]}
             return _gaokao_items([path])
+        rows = read_records(path)
     if not isinstance(rows, list) or not rows:
         raise UserError(f"--data: {path} holds no multiple-choice records")
     return [_row_item(row, number, str(path)) for number, row in enumerate(rows)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_complete_lines
 from .data import load_records, read_records, record_to_messages
 from .errors import UserError
 from .inference import LoadedModel, generate_batch, prompt_ids
@@ -39,15 +40,7 @@ class PredictionStats:
 
 def count_finished(result_path: Path, records: list[dict[str, Any]]) -> int:
     """Number of complete result lines that match the input; a torn last line is cut off."""
-    if not result_path.is_file():
-        return 0
-    data = result_path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # bytes after the last newline are a torn write
-    if len(complete) != len(data):
-        with open(result_path, "r+b") as f:
-            f.truncate(len(complete))
-        logger.info("%s: dropped an incomplete last line from an interrupted run", result_path)
-    lines = complete.decode("utf-8").splitlines()
+    lines = read_complete_lines(result_path)
     for number, line in enumerate(lines):
         try:
             done = json.loads(line)
