@@ -1,0 +1,125 @@
+"""Packing, the chunked loss and token-normalised gradient accumulation on tiny real models (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alpaca_cot.loss import chunked_cross_entropy_sum
+from alpaca_cot.packing import IGNORE_INDEX, PackedCollator, pack_dataset, pack_sample_order
+
+
+def _samples(lengths: list[int], vocab: int = 200, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Token samples whose first third is a masked prompt, like tokenize_record's output."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for n in lengths:
+        ids = [1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist()
+        labels = [IGNORE_INDEX] * (n // 3) + ids[n // 3:]
+        samples.append({"input_ids": ids, "attention_mask": [1] * n, "labels": labels})
+    return samples
+
+
+def _dataset(lengths: list[int]):
+    from datasets import Dataset
+
+    return Dataset.from_list(_samples(lengths))
+
+
+def _load(folder, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+    return model.eval()
+
+
+def _unpacked_loss(model, samples) -> torch.Tensor:
+    """Summed next-token loss of each sample on its own (no padding anywhere), over all target tokens."""
+    total, count = torch.zeros(()), 0
+    for s in samples:
+        logits = model(input_ids=torch.tensor([s["input_ids"]])).logits[0, :-1]
+        targets = torch.tensor(s["labels"][1:])
+        total = total + torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+def _packed_loss(model, batch) -> torch.Tensor:
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+def test_pack_sample_order_fits_rows_and_keeps_every_sample():
+    lengths = [5, 60, 33, 17, 64, 2, 40, 31, 9, 24]
+    rows = pack_sample_order(lengths, 64)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(rows) == 5  # 285 tokens: 5 rows of 64 is the minimum
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss(tiny_llama, attn):
+    lengths = [7, 30, 12, 45, 3, 22, 16, 9]
+    samples = _samples(lengths)
+    packed = pack_dataset(_dataset(lengths), 64)
+    assert len(packed) < len(lengths)
+    model = _load(tiny_llama, attn)
+    collate = PackedCollator(pad_token_id=0, attn_implementation=attn)
+    with torch.no_grad():
+        expected = _unpacked_loss(model, samples)
+        got = _packed_loss(model, collate([packed[i] for i in range(len(packed))]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_position_ids_alone_attend_across_samples(tiny_llama):
+    """Why the block-diagonal mask exists: restarting position ids with a 2D mask leak across samples."""
+    lengths = [20, 30, 10]
+    samples = _samples(lengths)
+    packed = pack_dataset(_dataset(lengths), 64)
+    model = _load(tiny_llama, "sdpa")
+    batch = PackedCollator(pad_token_id=0, attn_implementation="sdpa")([packed[i] for i in range(len(packed))])
+    batch["attention_mask"] = (batch["labels"] != -1).long()  # what a plain collator sends: a 2D mask of ones
+    with torch.no_grad():
+        leaked = _packed_loss(model, batch)
+        expected = _unpacked_loss(model, samples)
+    assert abs(leaked.item() - expected.item()) > 1e-3
+
+
+def test_collator_masks_the_first_token_of_each_sample_and_restarts_positions():
+    packed = pack_dataset(_dataset([5, 3]), 16)
+    batch = PackedCollator(pad_token_id=0)([packed[0]])
+    lens = packed[0]["seq_lens"]
+    starts = [0, lens[0]]
+    assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)
+    assert batch["position_ids"][0, :8].tolist() == list(range(lens[0])) + list(range(lens[1]))
+    mask = batch["attention_mask"][0, 0]
+    assert not mask[lens[0], lens[0] - 1]  # the second sample's first token cannot see the first sample
+    assert mask[lens[0] + 1, lens[0]] and mask[1, 0]
+
+
+def test_varlen_backends_get_one_flat_row_with_restarting_positions():
+    packed = pack_dataset(_dataset([5, 3, 6]), 8)
+    batch = PackedCollator(pad_token_id=0, attn_implementation="flash_attention_2")(
+        [packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 14)
+    assert sorted(batch["position_ids"][0].tolist()) == sorted(list(range(5)) + list(range(3)) + list(range(6)))
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_chunked_loss_matches_plain_loss_and_gradients(weight_trains):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 17, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=weight_trains)
+    labels = torch.randint(0, 50, (3, 17))
+    labels[:, :4] = IGNORE_INDEX
+    labels[1, 10:] = IGNORE_INDEX
+    plain = torch.nn.functional.cross_entropy((hidden @ weight.T)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    plain_grads = torch.autograd.grad(3 * plain, [hidden, weight] if weight_trains else [hidden])
+    chunked = chunked_cross_entropy_sum(hidden, weight, labels, chunk_size=7)
+    chunked_grads = torch.autograd.grad(3 * chunked, [hidden, weight] if weight_trains else [hidden])
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
