@@ -30,8 +30,10 @@ from .data import IGNORE_INDEX, load_records, prepare_data
 from .errors import UserError
 from .evaluation import exact_match
 from .inference import RUN_MANIFEST, LoadedModel
+from .loss import LeanLossTrainer
 from .methods import PeftMethod, get_method
 from .models import load_model, load_tokenizer, resolve_family, resolve_model_path
+from .packing import PackedCollator, pack_dataset, packing_efficiency
 from .templates import get_template
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,8 @@ def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
     """(dtype to load the base in, Trainer fp16, Trainer bf16)."""
     import torch
 
+    if compute_dtype == "auto":
+        compute_dtype = default_compute_dtype(on_cuda)
     if on_cuda:
         if compute_dtype == "bf16":
             return torch.bfloat16, False, True
@@ -141,6 +145,24 @@ def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
     if compute_dtype == "fp16":
         logger.info("--compute_dtype fp16 needs CUDA: training in fp32 on the CPU")
     return torch.float32, False, False
+
+
+def default_compute_dtype(on_cuda: bool) -> str:
+    """``--compute_dtype auto``: bf16 where the hardware computes it natively, else fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if on_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def _configure_reporting(report_to: str, output_dir: Path) -> list[str]:
@@ -231,6 +253,11 @@ def _count_parameters(model: Any) -> tuple[int, int]:
 
 def _prepare_for_training(model: Any, args: Namespace, method_allows_checkpointing: bool) -> Any:
     """The original's "prepare for training": k-bit preparation, gradient checkpointing without cache."""
+    if args.gradient_checkpointing is None:  # default: only where activations would not fit otherwise
+        import torch
+
+        large = sum(p.numel() for p in model.parameters()) >= 1_000_000_000
+        args.gradient_checkpointing = bool(torch.cuda.is_available() and large)
     use_checkpointing = args.gradient_checkpointing and method_allows_checkpointing
     if args.quantization_bit:
         from peft import prepare_model_for_kbit_training
@@ -245,7 +272,7 @@ def _prepare_for_training(model: Any, args: Namespace, method_allows_checkpointi
 
 
 def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has_validation: bool, fp16: bool,
-                        bf16: bool, report_to: list[str]) -> Any:
+                        bf16: bool, report_to: list[str], packing: bool) -> Any:
     """Trainer settings from the flags; intervals scale with the run so small data never gets a 0 interval."""
     import torch
     from transformers import TrainingArguments
@@ -271,6 +298,8 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
         metric_for_best_model="eval_loss" if has_validation else None,
         fp16=fp16,
         bf16=bf16,
+        group_by_length=args.group_by_length and not packing,  # packed rows are all about full
+        torch_compile=args.torch_compile,
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
         data_seed=args.seed,
@@ -282,11 +311,19 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
     )
 
 
+def _collator(tokenizer: Any, model: Any, packing: bool, on_cuda: bool) -> Any:
+    """Packed rows: boundaries kept by the attention backend's own means; otherwise pad each batch."""
+    if packing:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackedCollator(pad_id if pad_id is not None else 0, model.config._attn_implementation,
+                              pad_to_multiple_of=8 if on_cuda else None)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  pad_to_multiple_of=8 if on_cuda else None)
+
+
 def run_finetune(args: Namespace) -> dict[str, Any]:
     """Train as the flags say; return a summary (losses, held-out metric, output folder)."""
     import torch
-    from transformers import Trainer
-
     started = time.time()
     # Everything cheap is checked before the model is loaded.
     sources = resolve_data(args.data)
@@ -312,13 +349,23 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path, family, args.trust_remote_code)
     tokenizer.padding_side = "right"  # training pads on the right; generation pads its own batches left
     data = prepare_data(sources, tokenizer, template, args.cutoff_len, args.val_set_size, args.seed)
+    train = data.train
+    packing = args.packing and method.packs_samples
+    if args.packing and not packing:
+        logger.info("packing off: --peft_type %s prepends virtual tokens to every row", method.name)
+    if packing:
+        packing_len = args.packing_len or args.cutoff_len
+        train = pack_dataset(data.train, packing_len)
+        logger.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", len(data.train), len(train),
+                    packing_len, 100 * packing_efficiency(train, packing_len))
     ranks = world_size()
     global_batch = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * ranks
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / (args.per_gpu_train_batch_size * ranks))
+    steps_per_epoch = math.ceil(math.ceil(len(train) / (args.per_gpu_train_batch_size * ranks))
                                 / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(steps_per_epoch * args.epochs))
-    logger.info("%d training examples (%d validation); global batch %d = %d per device x %d accumulation x %d "
-                "processes; %d optimizer steps", len(data.train), len(data.validation or []), global_batch,
+    logger.info("%d training %s (%d validation); global batch %d = %d per device x %d accumulation x %d "
+                "processes; %d optimizer steps", len(train), "rows" if packing else "examples",
+                len(data.validation or []), global_batch,
                 args.per_gpu_train_batch_size, args.gradient_accumulation_steps, ranks, total_steps)
 
     device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))} if on_cuda else None
@@ -341,7 +388,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     has_validation = data.validation is not None and len(data.validation) > 0
-    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to)
+    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to, packing)
     callbacks: list[TrainerCallback] = [LossProgressCallback()]
     if method.reallocates_rank:
         callbacks.append(AdaLoraBudgetCallback(model))
@@ -352,16 +399,16 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         # LoRA+: the B matrices learn loraplus_lr_ratio times faster than the A matrices.
         optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.learning_rate,
                                               loraplus_lr_ratio=args.loraplus_lr_ratio)
-    trainer = Trainer(
+    trainer = LeanLossTrainer(
         model=model,
         args=training_args,
         optimizers=(optimizer, None),
-        train_dataset=data.train,
+        train_dataset=train,
         eval_dataset=data.validation if has_validation else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
-                                            pad_to_multiple_of=8 if on_cuda else None),
+        data_collator=_collator(tokenizer, model, packing, on_cuda),
         processing_class=tokenizer,
         callbacks=callbacks,
+        loss_chunk_size=args.loss_chunk_size,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -379,6 +426,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "total_params": total,
         "global_batch": global_batch,
         "train_examples": len(data.train),
+        "train_rows": len(train),
+        "packing": packing,
         "train_seconds": result.metrics.get("train_runtime"),
         "example": data.example,
         "heldout_before": before.accuracy if before else None,

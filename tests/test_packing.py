@@ -123,3 +123,33 @@ def test_chunked_loss_matches_plain_loss_and_gradients(weight_trains):
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
     for got, expected in zip(chunked_grads, plain_grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _train_one_step(folder, samples, batch: int, accumulation: int, loss_chunk_size: int) -> dict[str, torch.Tensor]:
+    """Parameters after one plain SGD step (no clipping, no warm-up) over all ``samples``."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from alpaca_cot.loss import LeanLossTrainer
+
+    model = _load(folder, "sdpa").train()
+    args = TrainingArguments(output_dir=str(folder / "unused"), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+                             max_grad_norm=0.0, lr_scheduler_type="constant", use_cpu=True, report_to=[],
+                             save_strategy="no", remove_unused_columns=False, disable_tqdm=True)
+    trainer = LeanLossTrainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
+                              data_collator=PackedCollator(pad_token_id=0), loss_chunk_size=loss_chunk_size)
+    trainer.train()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss_chunk_size", [0, 16])
+def test_gradient_accumulation_normalises_by_tokens(tiny_llama, loss_chunk_size):
+    """2 micro-batches of 2 == 1 batch of 4: the loss is divided by the target tokens of the whole step."""
+    samples = _samples([60, 6, 50, 8])  # very unequal micro-batches: a per-batch mean would weigh them wrongly
+    two_by_two = _train_one_step(tiny_llama, samples, 2, 2, loss_chunk_size)
+    one_by_four = _train_one_step(tiny_llama, samples, 4, 1, loss_chunk_size)
+    before = {name: p for name, p in _load(tiny_llama, "sdpa").named_parameters()}
+    assert not torch.equal(one_by_four["lm_head.weight"], before["lm_head.weight"])  # the step did move weights
+    for name, value in one_by_four.items():
+        torch.testing.assert_close(two_by_two[name], value, rtol=1e-4, atol=1e-6, msg=name)
