@@ -39,8 +39,9 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust_remote_code", action="store_true", help="allow code shipped in the checkpoint to run")
     g.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the family's)")
     g.add_argument("--quantization_bit", type=int, choices=[4, 8], help="load the base in 4-bit NF4 or 8-bit")
-    g.add_argument("--compute_dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
-                   help="training precision on CUDA; fp32 on CPU unless bf16")
+    g.add_argument("--compute_dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="training precision; auto: bf16 where the GPU or CPU computes it natively, else fp16 on "
+                        "CUDA and fp32 on CPU")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="*", help="dataset names or JSON/JSONL files (default: the demo recipe)")
     g.add_argument("--cutoff_len", type=int, default=512, help="truncate examples to this many tokens")

@@ -336,7 +336,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
     on_cuda = torch.cuda.is_available()
-    compute_dtype = args.compute_dtype
+    compute_dtype = default_compute_dtype(on_cuda) if args.compute_dtype == "auto" else args.compute_dtype
     if family.fp16_unstable and compute_dtype == "fp16" and on_cuda:
         compute_dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         logger.info("%s models overflow in fp16: training in %s instead", family.name, compute_dtype)
