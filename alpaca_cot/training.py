@@ -298,7 +298,8 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
         metric_for_best_model="eval_loss" if has_validation else None,
         fp16=fp16,
         bf16=bf16,
-        group_by_length=args.group_by_length and not packing,  # packed rows are all about full
+        # packed rows are all about full: grouping by length only helps padded batches
+        train_sampling_strategy="group_by_length" if args.group_by_length and not packing else "random",
         torch_compile=args.torch_compile,
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,

@@ -153,3 +153,47 @@ def test_gradient_accumulation_normalises_by_tokens(tiny_llama, loss_chunk_size)
     assert not torch.equal(one_by_four["lm_head.weight"], before["lm_head.weight"])  # the step did move weights
     for name, value in one_by_four.items():
         torch.testing.assert_close(two_by_two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_throughput_benchmark_smoke(tiny_llama, tmp_path):
+    """Both recipes run end to end on a tiny model and the JSON has the documented shape (no timing asserted)."""
+    import json
+
+    from benchmarks import train_throughput
+    from tests.conftest import SAMPLE_RECORDS
+
+    for name in train_throughput.DATA_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(SAMPLE_RECORDS))
+    out = tmp_path / "result.json"
+    assert train_throughput.main(["--model", str(tiny_llama), "--data_dir", str(tmp_path), "--samples", "12",
+                                  "--cutoff_len", "256", "--batch", "2", "--warmup", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["original"]["tokens_per_s"] > 0 and result["ours"]["peak_mem_mb"] > 0
+    assert result["speedup"] == pytest.approx(result["ours"]["tokens_per_s"] / result["original"]["tokens_per_s"])
+    original, ours = result["details"]["original"], result["details"]["ours"]
+    assert original["samples"] == ours["samples"] == original["rows"] == 12 and ours["rows"] < 12
+
+
+def test_packing_flags_parse_and_check():
+    from alpaca_cot.cli import parse_finetune_args
+    from alpaca_cot.errors import UserError
+
+    assert parse_finetune_args(["--data", "demo"]).packing is True
+    assert parse_finetune_args(["--data", "demo", "--no_packing"]).packing is False
+    assert parse_finetune_args(["--data", "demo", "--packing", "false"]).packing is False
+    with pytest.raises(UserError, match="--packing_len 64 is shorter than --cutoff_len 512"):
+        parse_finetune_args(["--data", "demo", "--packing_len", "64"])
+
+
+def test_training_packs_by_default_and_not_for_prompt_methods(tiny_llama, sample_file, tmp_path):
+    import json
+
+    from tests.conftest import train_tiny
+
+    assert train_tiny(tiny_llama, sample_file, tmp_path / "lora", "--max_steps", "1") == 0
+    result = json.loads((tmp_path / "lora" / "alpaca_cot_run.json").read_text())["result"]
+    assert result["packing"] and result["train_rows"] < result["train_examples"]
+    assert train_tiny(tiny_llama, sample_file, tmp_path / "prompt", "--max_steps", "1", "--peft_type", "prompt") == 0
+    result = json.loads((tmp_path / "prompt" / "alpaca_cot_run.json").read_text())["result"]
+    assert not result["packing"] and result["train_rows"] == result["train_examples"]
