@@ -96,7 +96,8 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         model, fp16, bf16 = _load_model(args, recipe, family, model_path, tokenizer, Path(scratch))
-        settings = argparse.Namespace(gradient_checkpointing=True if recipe == "original" else None,
+        ours_checkpointing = {"auto": None, "on": True, "off": False}[args.ours_checkpointing]
+        settings = argparse.Namespace(gradient_checkpointing=True if recipe == "original" else ours_checkpointing,
                                       quantization_bit=8 if recipe == "original" and on_cuda else None)
         model = _prepare_for_training(model, settings, True)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--ours_checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="gradient checkpointing in our recipe (auto: the library default, on for 1B+ models on CUDA)")
     p.add_argument("--out", help="write {original, ours, speedup} as JSON here")
     p.add_argument("--one", choices=RECIPES, help=argparse.SUPPRESS)  # what each child process runs
     return p
