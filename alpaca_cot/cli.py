@@ -39,8 +39,9 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust_remote_code", action="store_true", help="allow code shipped in the checkpoint to run")
     g.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the family's)")
     g.add_argument("--quantization_bit", type=int, choices=[4, 8], help="load the base in 4-bit NF4 or 8-bit")
-    g.add_argument("--compute_dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
-                   help="training precision on CUDA; fp32 on CPU unless bf16")
+    g.add_argument("--compute_dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="training precision; auto: bf16 where the GPU or CPU computes it natively, else fp16 on "
+                        "CUDA and fp32 on CPU")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="*",
                    help="dataset names (`python -m alpaca_cot.data list`), files or globs, each optionally with an "
@@ -87,7 +88,21 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=3)
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many steps; overrides --epochs")
     g.add_argument("--learning_rate", type=float, default=3e-4)
-    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--gradient_checkpointing", action="store_true", default=None,
+                   help="trade compute for activation memory (default: on for models of 1B+ parameters on CUDA)")
+    g.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--packing", type=parse_bool, nargs="?", const=True, default=True,
+                   help="pack several samples into each row of --packing_len tokens; attention stays within a "
+                        "sample (--no_packing or --packing false: one padded sample per row, as the original)")
+    g.add_argument("--no_packing", dest="packing", action="store_false", help=argparse.SUPPRESS)
+    g.add_argument("--packing_len", type=int, help="tokens per packed row (default: --cutoff_len)")
+    g.add_argument("--loss_chunk_size", type=int, default=1024,
+                   help="tokens per chunk of the vocabulary projection in the loss; 0: the model's own loss "
+                        "over full logits")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="batch samples of similar length (less padding; only matters without packing)")
+    g.add_argument("--torch_compile", action="store_true", help="compile the model with torch.compile")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--save_steps", type=int, help="checkpoint interval (default: a tenth of the run)")
     g.add_argument("--save_total_limit", type=int, default=3)
@@ -106,6 +121,18 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     g.add_argument("--size", help=argparse.SUPPRESS)  # accepted for the original's command lines; unused
     return p
+
+
+def parse_bool(value: str | bool) -> bool:
+    """``true/false/yes/no/1/0`` (any case) for flags such as ``--packing false``."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "yes", "1", "on"):
+        return True
+    if lowered in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -205,7 +232,7 @@ def check_finetune_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("save_steps", "logging_steps"):
+    for name in ("save_steps", "logging_steps", "packing_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if args.learning_rate <= 0:
@@ -219,6 +246,11 @@ def check_finetune_args(args: argparse.Namespace) -> None:
             float(args.adapter_scaling)
         except ValueError:
             problems.append(f"--adapter_scaling must be a number or 'learned' (got {args.adapter_scaling!r})")
+    if args.packing_len is not None and args.packing_len < args.cutoff_len:
+        problems.append(f"--packing_len {args.packing_len} is shorter than --cutoff_len {args.cutoff_len}: "
+                        "raise it or lower --cutoff_len")
+    if args.loss_chunk_size < 0:
+        problems.append(f"--loss_chunk_size must be 0 (off) or more (got {args.loss_chunk_size})")
     if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
         problems.append(f"--loraplus_lr_ratio must be positive (got {args.loraplus_lr_ratio})")
     if not 0 <= args.adapter_dropout < 1:

@@ -171,6 +171,7 @@ class PeftMethod:
     reallocates_rank: bool = False  # AdaLoRA: the trainer must call update_and_allocate every step
     quantization_bit: int | None = None  # a method defined by its base's precision (qlora)
     lora_family: bool = False  # has LoRA A/B matrices (--loraplus_lr_ratio applies)
+    packs_samples: bool = True  # prompt-learning methods prepend virtual tokens per row, not per sample
 
 
 
@@ -193,10 +194,10 @@ METHODS: dict[str, PeftMethod] = build_registry(
                select_trainable=_full),
     PeftMethod("freeze", None, "partial fine-tuning: only the last --trainable_layers decoder layers train",
                select_trainable=_freeze),
-    PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input"),
-    PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder"),
+    PeftMethod("prompt", _prompt, "prompt tuning: learned virtual tokens before the input", packs_samples=False),
+    PeftMethod("p_tuning", _p_tuning, "P-tuning: virtual tokens from a prompt encoder", packs_samples=False),
     PeftMethod("prefix", _prefix, "prefix tuning (with projection): learned key/value prefixes in every layer",
-               gradient_checkpointing=False),
+               gradient_checkpointing=False, packs_samples=False),
 )
 
 

@@ -46,8 +46,10 @@ from .distributed import (
 from .errors import UserError
 from .evaluation import exact_match
 from .inference import RUN_MANIFEST, LoadedModel
+from .loss import LeanLossTrainer
 from .methods import PeftMethod, get_method
 from .models import load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
+from .packing import PackedCollator, pack_dataset, packing_efficiency
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,8 @@ def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
     """(dtype to load the base in, Trainer fp16, Trainer bf16)."""
     import torch
 
+    if compute_dtype == "auto":
+        compute_dtype = default_compute_dtype(on_cuda)
     if on_cuda:
         if compute_dtype == "bf16":
             return torch.bfloat16, False, True
@@ -146,6 +150,24 @@ def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
     if compute_dtype == "fp16":
         logger.info("--compute_dtype fp16 needs CUDA: training in fp32 on the CPU")
     return torch.float32, False, False
+
+
+def default_compute_dtype(on_cuda: bool) -> str:
+    """``--compute_dtype auto``: bf16 where the hardware computes it natively, else fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if on_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def _configure_reporting(report_to: str, output_dir: Path) -> list[str]:
@@ -240,6 +262,11 @@ def _count_parameters(model: Any) -> tuple[int, int]:
 
 def _prepare_for_training(model: Any, args: Namespace, method_allows_checkpointing: bool) -> Any:
     """The original's "prepare for training": k-bit preparation, gradient checkpointing without cache."""
+    if args.gradient_checkpointing is None:  # default: only where activations would not fit otherwise
+        import torch
+
+        large = sum(p.numel() for p in model.parameters()) >= 1_000_000_000
+        args.gradient_checkpointing = bool(torch.cuda.is_available() and large)
     use_checkpointing = args.gradient_checkpointing and method_allows_checkpointing
     if args.quantization_bit:
         from peft import prepare_model_for_kbit_training
@@ -254,7 +281,7 @@ def _prepare_for_training(model: Any, args: Namespace, method_allows_checkpointi
 
 
 def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has_validation: bool, fp16: bool,
-                        bf16: bool, report_to: list[str]) -> Any:
+                        bf16: bool, report_to: list[str], packing: bool) -> Any:
     """Trainer settings from the flags; intervals scale with the run so small data never gets a 0 interval."""
     import torch
     from transformers import TrainingArguments
@@ -280,6 +307,9 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
         metric_for_best_model="eval_loss" if has_validation else None,
         fp16=fp16,
         bf16=bf16,
+        # packed rows are all about full: grouping by length only helps padded batches
+        train_sampling_strategy="group_by_length" if args.group_by_length and not packing else "random",
+        torch_compile=args.torch_compile,
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
         data_seed=args.seed,
@@ -292,10 +322,20 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
     )
 
 
+def _collator(tokenizer: Any, model: Any, packing: bool, on_cuda: bool) -> Any:
+    """Packed rows: boundaries kept by the attention backend's own means; otherwise pad each batch."""
+    if packing:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackedCollator(pad_id if pad_id is not None else 0, model.config._attn_implementation,
+                              pad_to_multiple_of=8 if on_cuda else None)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                  pad_to_multiple_of=8 if on_cuda else None)
+
+
 def run_finetune(args: Namespace) -> dict[str, Any]:
     """Train as the flags say; return a summary (losses, held-out metric, output folder)."""
     import torch
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     started = time.time()
     silence_other_ranks()
@@ -312,7 +352,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
     on_cuda = torch.cuda.is_available()
-    compute_dtype = args.compute_dtype
+    compute_dtype = default_compute_dtype(on_cuda) if args.compute_dtype == "auto" else args.compute_dtype
     if family.fp16_unstable and compute_dtype == "fp16" and on_cuda:
         compute_dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         logger.info("%s models overflow in fp16: training in %s instead", family.name, compute_dtype)
@@ -326,22 +366,35 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     tokenizer.padding_side = "right"  # training pads on the right; generation pads its own batches left
     data = prepare_data(sources, tokenizer, template, args.cutoff_len, args.val_set_size, args.seed,
                         DataOptions.from_args(args))
+    train = data.train
+    packing = args.packing and method.packs_samples
+    if args.packing and not packing:
+        logger.info("packing off: --peft_type %s prepends virtual tokens to every row", method.name)
+    if packing:
+        packing_len = args.packing_len or args.cutoff_len
+        train = pack_dataset(data.train, packing_len)
+        if data.train_size is not None:
+            logger.info("packed %d examples into %d rows of %d tokens (%.1f%% full)", data.train_size, len(train),
+                        packing_len, 100 * packing_efficiency(train, packing_len))
+    train_rows = len(train) if data.train_size is not None else None
     ranks = world_size()
     global_batch = args.per_gpu_train_batch_size * args.gradient_accumulation_steps * ranks
     if args.max_steps > 0:  # a stream (--streaming) has no length: check_data_args requires --max_steps
         total_steps = args.max_steps
     else:
-        steps_per_epoch = math.ceil(math.ceil(data.train_size / (args.per_gpu_train_batch_size * ranks))
+        steps_per_epoch = math.ceil(math.ceil(train_rows / (args.per_gpu_train_batch_size * ranks))
                                     / args.gradient_accumulation_steps)
         total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
-    logger.info("%s training examples (%d validation); global batch %d = %d per device x %d accumulation x %d "
-                "processes; %d optimizer steps", data.train_size or "streamed", len(data.validation or []),
-                global_batch, args.per_gpu_train_batch_size, args.gradient_accumulation_steps, ranks, total_steps)
+    logger.info("%s training %s (%d validation); global batch %d = %d per device x %d accumulation x %d "
+                "processes; %d optimizer steps", train_rows or "streamed", "rows" if packing else "examples",
+                len(data.validation or []), global_batch, args.per_gpu_train_batch_size,
+                args.gradient_accumulation_steps, ranks, total_steps)
 
     has_validation = data.validation is not None and len(data.validation) > 0
     # Before the model: with ZeRO-3 the arguments make from_pretrained load the weights already sharded.
     join_process_group(args.ddp_timeout, on_cuda)
-    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to)
+    training_args = _training_arguments(args, output_dir, total_steps, has_validation, fp16, bf16, report_to,
+                                        packing)
     set_seed(args.seed)  # the adapter's initial weights: same seed, same run (also across process counts)
     device_map = device_map_for(args, on_cuda)
     model = load_model(model_path, family, load_dtype, args.quantization_bit, device_map, args.trust_remote_code)
@@ -377,16 +430,16 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         # LoRA+: the B matrices learn loraplus_lr_ratio times faster than the A matrices.
         optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.learning_rate,
                                               loraplus_lr_ratio=args.loraplus_lr_ratio)
-    trainer = Trainer(
+    trainer = LeanLossTrainer(
         model=model,
         args=training_args,
         optimizers=(optimizer, None),
-        train_dataset=data.train,
+        train_dataset=train,
         eval_dataset=data.validation if has_validation else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
-                                            pad_to_multiple_of=8 if on_cuda else None),
+        data_collator=_collator(tokenizer, model, packing, on_cuda),
         processing_class=tokenizer,
         callbacks=callbacks,
+        loss_chunk_size=args.loss_chunk_size,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -407,6 +460,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "total_params": total,
         "global_batch": global_batch,
         "train_examples": data.train_size,
+        "train_rows": train_rows,
+        "packing": packing,
         "train_seconds": result.metrics.get("train_runtime"),
         "example": data.example,
         "heldout_before": before.accuracy if before else None,
