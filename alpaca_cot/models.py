@@ -53,7 +53,14 @@ class ModelFamily:
     config_name_hint: str = ""  # config.json cannot tell: the checkpoint's name or path must contain this
     config_architectures: tuple[str, ...] = ()  # `architectures` entries, when model_type names no family
     answer_prefix: str = ""  # special tokens before every answer, in every template (ChatGLM-6B's [gMASK]<sop>)
+    # Packed rows (--packing) hand the model restarting position ids and a 4D block-diagonal mask;
+    # BLOOM's ALiBi reads positions from a 2D mask, and remote code brings its own attention code.
+    packs_samples: bool = True
 
+
+# Checkpoints that ship their own modelling and tokenizer code: opt-in, slow tokenizers, and no
+# packed rows (their attention code takes a 2D padding mask only).
+_REMOTE_CODE = {"trust_remote_code": True, "use_fast_tokenizer": False, "packs_samples": False}
 
 # Module names shared by the LLaMA-style architectures (q/k/v/o attention, gated MLP).
 _LLAMA_STYLE = {
@@ -80,7 +87,7 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
     ModelFamily(name="qwen2", config_model_types=("qwen2",), pad_fallback="eos", **_LLAMA_STYLE),
     ModelFamily(name="qwen3", config_model_types=("qwen3",), pad_fallback="eos", **_LLAMA_STYLE),
     ModelFamily(name="gemma", config_model_types=("gemma", "gemma2"), fp16_unstable=True, **_LLAMA_STYLE),
-    ModelFamily(name="bloom", config_model_types=("bloom",), **_GLM_STYLE),
+    ModelFamily(name="bloom", config_model_types=("bloom",), packs_samples=False, **_GLM_STYLE),
     # GLM-4 (native in transformers): fused gate/up projection.
     ModelFamily(name="glm4", config_model_types=("glm4",), lora_targets=("q_proj", "v_proj"),
                 ia3_targets=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",),
@@ -91,37 +98,36 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
     # --trust_remote_code is required. ChatGLM 1/2/3 all say model_type "chatglm"; v1 has 2D positions, v2/v3
     # multi-query attention and identical configs, so ChatGLM3 is told by its name.
     ModelFamily(name="chatglm", config_model_types=("chatglm",), config_keys=("position_encoding_2d",),
-                config_architectures=("ChatGLMModel",), model_class="AutoModel", trust_remote_code=True,
-                use_fast_tokenizer=False, own_template="chatglm", answer_prefix="[gMASK]<sop>", **_GLM_STYLE),
+                config_architectures=("ChatGLMModel",), model_class="AutoModel", **_REMOTE_CODE,
+                own_template="chatglm", answer_prefix="[gMASK]<sop>", **_GLM_STYLE),
     ModelFamily(name="chatglm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
-                model_class="AutoModel", trust_remote_code=True, use_fast_tokenizer=False,
-                own_template="chatglm2", **_GLM_STYLE),
+                model_class="AutoModel", **_REMOTE_CODE, own_template="chatglm2", **_GLM_STYLE),
     ModelFamily(name="chatglm3", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
-                config_name_hint="chatglm3", model_class="AutoModel", trust_remote_code=True,
-                use_fast_tokenizer=False, own_template="chatglm3", **_GLM_STYLE),
+                config_name_hint="chatglm3", model_class="AutoModel", **_REMOTE_CODE,
+                own_template="chatglm3", **_GLM_STYLE),
     # MOSS (CodeGen architecture): fused q/v/k `qkv_proj`, `out_proj`, MLP `fc_in`/`fc_out`. The original
     # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer's one special token <|endoftext|> is
     # BOS, EOS and UNK, and there is no pad: it pads with that (masked from the loss like every pad).
     ModelFamily(name="moss", config_model_types=("moss",), config_architectures=("MossForCausalLM",),
                 lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "fc_out"), ia3_feedforward=("fc_out",),
                 bottleneck_sequential=("fc_in", "fc_out"), bottleneck_input_side=("fc_in",),
-                bottleneck_pfeiffer=("fc_out",), bottleneck_parallel=("qkv_proj",), trust_remote_code=True,
-                use_fast_tokenizer=False, pad_fallback="eos", own_template="moss"),
+                bottleneck_pfeiffer=("fc_out",), bottleneck_parallel=("qkv_proj",), **_REMOTE_CODE,
+                pad_fallback="eos", own_template="moss"),
     ModelFamily(name="internlm", config_model_types=("internlm",), config_architectures=("InternLMForCausalLM",),
                 **{**_LLAMA_STYLE, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
-                trust_remote_code=True, use_fast_tokenizer=False, pad_fallback="eos", own_template="internlm"),
+                **_REMOTE_CODE, pad_fallback="eos", own_template="internlm"),
     # InternLM2 fuses q/k/v into `wqkv`; its MLP is w1 (gate), w3 (up), w2 (down).
     ModelFamily(name="internlm2", config_model_types=("internlm2",),
                 config_architectures=("InternLM2ForCausalLM",), lora_targets=("wqkv", "wo"),
                 ia3_targets=("wqkv", "w2"), ia3_feedforward=("w2",), bottleneck_sequential=("w1", "w3", "w2"),
                 bottleneck_input_side=("w1", "w3"), bottleneck_pfeiffer=("w2",), bottleneck_parallel=("wqkv",),
-                trust_remote_code=True, use_fast_tokenizer=False, pad_fallback="eos", own_template="internlm2"),
+                **_REMOTE_CODE, pad_fallback="eos", own_template="internlm2"),
     # Baichuan fuses q/k/v into `W_pack`; slow SentencePiece tokenizer. Baichuan2 configs add z_loss_weight.
     ModelFamily(name="baichuan", config_model_types=("baichuan",),
                 config_architectures=("BaiChuanForCausalLM", "BaichuanForCausalLM"), **_BAICHUAN_STYLE,
-                trust_remote_code=True, use_fast_tokenizer=False, own_template="baichuan"),
+                **_REMOTE_CODE, own_template="baichuan"),
     ModelFamily(name="baichuan2", config_model_types=("baichuan",), config_keys=("z_loss_weight",),
-                **_BAICHUAN_STYLE, trust_remote_code=True, use_fast_tokenizer=False, own_template="baichuan2"),
+                **_BAICHUAN_STYLE, **_REMOTE_CODE, own_template="baichuan2"),
 )
 
 

@@ -367,9 +367,11 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     data = prepare_data(sources, tokenizer, template, args.cutoff_len, args.val_set_size, args.seed,
                         DataOptions.from_args(args))
     train = data.train
-    packing = args.packing and method.packs_samples
-    if args.packing and not packing:
+    packing = args.packing and method.packs_samples and family.packs_samples
+    if args.packing and not method.packs_samples:
         logger.info("packing off: --peft_type %s prepends virtual tokens to every row", method.name)
+    elif args.packing and not family.packs_samples:
+        logger.info("packing off: %s models take no block-diagonal attention mask", family.name)
     if packing:
         packing_len = args.packing_len or args.cutoff_len
         train = pack_dataset(data.train, packing_len)
