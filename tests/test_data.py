@@ -55,8 +55,8 @@ def test_malformed_json_lines_names_the_line(tmp_path):
 def test_records_without_required_keys_are_named(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}, {"prompt": "x"}]))
-    with pytest.raises(UserError, match=r"2 of 3 records are invalid: keys.json:1 has no 'output' key.*keys.json:1 "
-                                        r"has no 'instruction' key \(keys: prompt\)"):
+    with pytest.raises(UserError, match=r"2 of 3 records are invalid: keys.json:1: record 1 has no 'output' key.*"
+                                        r"keys.json:1: record 2 has no 'instruction' key \(keys: prompt\)"):
         load_records(path)
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
     assert load_records(path, required=("instruction",))[1]["output"] == ""  # prediction needs no output

@@ -141,7 +141,7 @@ def test_bad_records_name_file_and_record(tiny_llama, tmp_path, capsys):
     data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "reply": "d"}]))
     assert _train(tiny_llama, data, tmp_path / "o", "--max_steps", "1") == 2
     err = capsys.readouterr().err
-    assert "bad.json: 1 of 2 records are invalid: record 1 has no 'output' key" in err
+    assert "bad.json: 1 of 2 records are invalid: bad.json:1: record 1 has no 'output' key" in err
 
 
 def test_generate_without_adapter_or_model_is_refused(capsys):

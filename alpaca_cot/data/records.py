@@ -127,7 +127,7 @@ def _iter_json_array(path: Path) -> Iterator[RawRecord]:
                     fill()
                     continue  # a number or literal cut at the chunk edge
                 break
-            yield RawRecord(f"{path}:{line}", value)
+            yield RawRecord(f"{path}:{line}: record {items}", value)  # one-line arrays need the index
             line += buffer.count("\n", pos, end)
             pos, items = end, items + 1
             if pos > _CHUNK:
