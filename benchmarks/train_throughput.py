@@ -123,9 +123,10 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter())
 
-        steps = -(-len(train) // args.batch)
+        batch = args.ours_batch if recipe == "ours" and args.ours_batch else args.batch
+        steps = -(-len(train) // batch)
         training_args = TrainingArguments(
-            output_dir=scratch, per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=3e-4,
+            output_dir=scratch, per_device_train_batch_size=batch, max_steps=steps, learning_rate=3e-4,
             fp16=fp16, bf16=bf16, use_cpu=not on_cuda, save_strategy="no", report_to=[], logging_steps=10**6,
             disable_tqdm=True, remove_unused_columns=False, seed=args.seed, dataloader_num_workers=0)
         common = dict(model=model, args=training_args, train_dataset=train, data_collator=counting_collate,
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--ours_batch", type=int, help="packed rows per step for ours (default: --batch)")
     p.add_argument("--ours_checkpointing", choices=["auto", "on", "off"], default="auto",
                    help="gradient checkpointing in our recipe (auto: the library default, on for 1B+ models on CUDA)")
     p.add_argument("--out", help="write {original, ours, speedup} as JSON here")
