@@ -121,12 +121,11 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def _load_tokenizer_and_template(model: str, template_name: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
-    from ..models import load_tokenizer, resolve_family, resolve_model_path
-    from ..templates import get_template
+    from ..models import load_tokenizer, resolve_family, resolve_model_path, resolve_template
 
     path = resolve_model_path(model)
     family = resolve_family(None, path)
-    return load_tokenizer(path, family, trust_remote_code), get_template(template_name or family.template)
+    return load_tokenizer(path, family, trust_remote_code), resolve_template(template_name, family)
 
 
 def validate(args: argparse.Namespace) -> int:
