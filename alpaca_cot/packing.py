@@ -27,7 +27,8 @@ from typing import Any
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset as TorchIterableDataset
 
-IGNORE_INDEX = -100
+from .data.encoding import IGNORE_INDEX
+
 SEQ_LENS = "seq_lens"
 
 

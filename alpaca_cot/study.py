@@ -194,7 +194,7 @@ class PeakMemory:
 
 def _loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) pairs from the last checkpoint's trainer state (the Trainer saves one at the end)."""
-    from .training import find_last_checkpoint
+    from .distributed import find_last_checkpoint
 
     checkpoint = find_last_checkpoint(run_dir)
     if checkpoint is None:
@@ -243,7 +243,8 @@ def evaluate_cell(cell: Cell, study: Study) -> dict[str, dict[str, Any]]:
 
 def run_cell(cell: Cell, study: Study) -> dict[str, Any]:
     """Train (or resume) one cell, evaluate it, and write its ``cell.json``."""
-    from .training import find_last_checkpoint, run_finetune
+    from .distributed import find_last_checkpoint
+    from .training import run_finetune
 
     checkpoint = find_last_checkpoint(cell.folder / "run")
     if checkpoint is not None:

@@ -162,6 +162,12 @@ def _read_file(path: Path, sha256: str, options: DataOptions, seed: int, cache_d
                                   cache_dir=str(cache_dir / "read"))
 
 
+def _record_digest(values: Any) -> bytes:
+    """8-byte content hash of a record's columns: what --dedup compares."""
+    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
 def _row_hashes(dataset: Any) -> Any:
     """An 8-byte content hash per row (instruction, input, output, conversation), as a numpy array."""
     import numpy as np
@@ -170,8 +176,7 @@ def _row_hashes(dataset: Any) -> Any:
     start = 0
     for batch in dataset.select_columns(RECORD_COLUMNS).iter(batch_size=10_000):
         for offset, row in enumerate(zip(*(batch[c] for c in RECORD_COLUMNS))):
-            text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-            hashes[start + offset] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+            hashes[start + offset] = int.from_bytes(_record_digest(list(row)), "little")
         start += len(batch["instruction"])
     return hashes
 
@@ -388,8 +393,7 @@ def _stream_rows(sources: list[dict[str, Any]], data_format: str | None, seed: i
                                        result.location, result.error)
                     continue
                 if dedup:
-                    digest = hashlib.blake2b(json.dumps([result.record[c] for c in RECORD_COLUMNS],
-                                                        ensure_ascii=False).encode(), digest_size=8).digest()
+                    digest = _record_digest([result.record[c] for c in RECORD_COLUMNS])
                     if digest in seen:
                         continue
                     seen.add(digest)
