@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_complete_lines
 from .errors import UserError
 from .registry import build_registry
 
@@ -121,13 +122,13 @@ class JudgeClient:
     @staticmethod
     def _read_cache(path: Path) -> dict[str, str]:
         cache: dict[str, str] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line of an interrupted run: that request is simply made again
-                cache[entry["key"]] = entry["reply"]
+        # A torn last line is cut off the file, so the next reply is not appended onto it.
+        for line in read_complete_lines(path):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line spoiled by hand: that request is simply made again
+            cache[entry["key"]] = entry["reply"]
         return cache
 
     def _request_body(self, prompt: str) -> dict[str, Any]:

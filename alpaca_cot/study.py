@@ -113,9 +113,10 @@ def load_study(path: Path, output_dir: str | None = None) -> Study:
     for number, spec in enumerate(evals):
         where = f"eval[{number}]"
         problems += [f"{where}: unknown key {k!r}{did_you_mean(str(k), EVAL_KEYS)}" for k in spec if k not in EVAL_KEYS]
-        if spec.get("task") not in TASKS:
-            problems.append(f"{where}: task must be one of {', '.join(TASKS)} (judge runs through evaluate.py)"
-                            if spec.get("task") != "judge" else f"{where}: the judge task runs through evaluate.py")
+        if spec.get("task") == "judge":  # a study has no judge endpoint flags
+            problems.append(f"{where}: the judge task runs through evaluate.py")
+        elif spec.get("task") not in TASKS:
+            problems.append(f"{where}: task must be one of {', '.join(t for t in TASKS if t != 'judge')}")
         if not spec.get("data") or not Path(str(spec["data"])).exists():
             problems.append(f"{where}: data file {spec.get('data')!r} does not exist")
         spec.setdefault("name", f"{spec.get('task')}-{Path(str(spec.get('data'))).stem}")

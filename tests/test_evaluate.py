@@ -225,3 +225,15 @@ def test_judge_scores_through_a_real_openai_compatible_server(tiny_run, tmp_path
     assert [r["score"] for r in _lines(tmp_path / "b")] == [r["score"] for r in results]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert set(summary["categories"]) == {"generation", "math", "closed qa"} and summary["metric"] == "score"
+
+
+def test_judge_cache_cuts_a_torn_last_line_so_the_next_reply_is_kept(tmp_path):
+    from alpaca_cot.judge import JudgeClient
+
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text(json.dumps({"key": "k1", "reply": "Score: 1"}) + "\n" + '{"key": "k2", "rep')
+    client = JudgeClient("http://127.0.0.1:9", "judge", cache)
+    assert client.cache == {"k1": "Score: 1"}
+    with open(cache, "a") as f:  # what complete() does after paying for a reply
+        f.write(json.dumps({"key": "k3", "reply": "Score: 0"}) + "\n")
+    assert JudgeClient("http://127.0.0.1:9", "judge", cache).cache == {"k1": "Score: 1", "k3": "Score: 0"}

@@ -85,3 +85,12 @@ def test_shipped_study_grid_parses(tmp_path):
     assert loaded.cues == ["", "Let's think step by step."]
     first_line = (ROOT / "configs" / "study-demo.yaml").read_text().splitlines()
     assert any("python -m alpaca_cot.study configs/study-demo.yaml" in line for line in first_line[:5])
+
+
+def test_a_judge_eval_is_refused_before_training(tiny_llama, tmp_path, capsys):
+    heldout = tmp_path / "belle.json"
+    heldout.write_text(json.dumps([{"question": "q", "std_answer": "a", "class": "open qa"}]))
+    grid = _grid(tmp_path, tiny_llama, eval=[{"task": "judge", "data": str(heldout)}])
+    assert study.main([str(grid)]) == 2
+    assert "eval[0]: the judge task runs through evaluate.py" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "cells").exists()
