@@ -93,4 +93,4 @@ def test_a_judge_eval_is_refused_before_training(tiny_llama, tmp_path, capsys):
     grid = _grid(tmp_path, tiny_llama, eval=[{"task": "judge", "data": str(heldout)}])
     assert study.main([str(grid)]) == 2
     assert "eval[0]: the judge task runs through evaluate.py" in capsys.readouterr().err
-    assert not (tmp_path / "study" / "cells").exists()
+    assert not list(tmp_path.glob("study/**/adapter_config.json"))  # nothing trained
