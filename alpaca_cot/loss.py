@@ -44,10 +44,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
             t = targets[start:start + chunk_size]
-            logits = (h @ w.T).float()  # the matmul in the compute dtype, the softmax in fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            # The matmul in the compute dtype; log-softmax in fp32, in one fused pass that also upcasts.
+            log_probs = torch.log_softmax(h @ w.T, dim=-1, dtype=torch.float32)
+            total -= log_probs.gather(1, t[:, None]).sum()
+            grad_logits = log_probs.exp_()  # the softmax, in place
             grad_logits[rows[:t.shape[0]], t] -= 1
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start:start + chunk_size] = grad_logits @ w

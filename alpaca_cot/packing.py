@@ -11,7 +11,9 @@ position ids that restart at 0 for each sample, and
 - SDPA: a block-diagonal causal boolean mask of shape (batch, 1, L, L);
 - eager (and any other backend that adds its mask to the scores): the same mask as 0 / -inf floats;
 - flash / flex attention: no mask; the whole batch becomes one row whose position ids tell the
-  varlen kernels where samples start (transformers derives ``cu_seqlens`` from them).
+  varlen kernels where samples start (transformers derives ``cu_seqlens`` from them);
+- ``sdpa_per_sample`` (what training picks on the CPU, see ``use_per_sample_attention``): the same
+  single row plus ``cu_seq_lens_q``, and one mask-free causal SDPA call per sample.
 
 Position ids alone are not enough on SDPA/eager: transformers detects packing from position ids
 only when no 2D mask and no cache is passed, so a plain training batch would attend across samples.
@@ -147,9 +149,57 @@ def packing_efficiency(dataset: PackedRows, packing_len: int) -> float:
     return dataset.tokens / (len(dataset) * packing_len) if len(dataset) else 0.0
 
 
-def _uses_varlen_kernel(attn_implementation: str) -> bool:
-    """Backends that read sample boundaries from position ids of a single row (flash, flex)."""
-    return "flash" in attn_implementation or attn_implementation == "flex_attention"
+PER_SAMPLE_ATTENTION = "sdpa_per_sample"
+
+
+def per_sample_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                    scaling: float | None = None, cu_seq_lens_q: Any = None, **kwargs: Any) -> tuple[Any, None]:
+    """Attention of one flat packed row, computed sample by sample: causal SDPA within each, nothing across.
+
+    An ``AttentionInterface`` function (query ``(1, heads, tokens, dim)``, output ``(1, tokens, heads, dim)``).
+    On the CPU this beats one block-diagonal masked call over padded rows: each sample costs its own
+    length squared instead of the row's, the causal kernel needs no mask, no padding is computed, and the
+    inputs go to the kernel in fp32 because the CPU flash kernel's bf16 backward is slower than its fp32 one.
+    Without ``cu_seq_lens_q`` (generation, evaluation of a padded batch) it is plain SDPA with the model's mask.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    lengths = cu_seq_lens_q.diff().tolist()
+    grouped = key.shape[1] != query.shape[1]
+    kernel_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
+    # split, not slicing: its backward is one concatenation instead of a zero-filled copy per sample
+    q, k, v = (t.to(kernel_dtype).split(lengths, dim=2) for t in (query, key, value))
+    with torch.autocast(query.device.type, enabled=False):
+        parts = [torch.nn.functional.scaled_dot_product_attention(
+            q_part, k_part, v_part, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=grouped
+        ).transpose(1, 2) for q_part, k_part, v_part in zip(q, k, v)]
+    return torch.cat(parts, dim=1).to(query.dtype), None
+
+
+def use_per_sample_attention(model: Any) -> bool:
+    """Switch an SDPA model to ``per_sample_sdpa`` for packed training; False when it cannot take it.
+
+    Only models whose attention goes through transformers' ``AttentionInterface`` (every model
+    transformers ships, not remote code) pass ``cu_seq_lens_q`` on to it.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
+        return False
+    AttentionInterface.register(PER_SAMPLE_ATTENTION, per_sample_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PER_SAMPLE_ATTENTION, sdpa_mask)  # the fallback's masks
+    model.set_attn_implementation(PER_SAMPLE_ATTENTION)
+    return model.config._attn_implementation == PER_SAMPLE_ATTENTION
+
+
+def _uses_single_row(attn_implementation: str) -> bool:
+    """Backends that read sample boundaries from a single row's position ids (flash, flex) or ``cu_seq_lens_q``."""
+    return ("flash" in attn_implementation or attn_implementation in ("flex_attention", PER_SAMPLE_ATTENTION))
 
 
 class PackedCollator:
@@ -157,7 +207,7 @@ class PackedCollator:
 
     ``attn_implementation`` is the model's ``config._attn_implementation``; it decides whether
     the boundaries travel as a 4D mask (sdpa: bool, eager: additive float) or as position ids
-    of one flattened row (flash/flex varlen kernels).
+    of one flattened row (flash/flex varlen kernels, ``per_sample_sdpa``).
     """
 
     def __init__(self, pad_token_id: int, attn_implementation: str = "sdpa", pad_to_multiple_of: int | None = None):
@@ -170,13 +220,21 @@ class PackedCollator:
 
         rows = [(list(f["input_ids"]), list(f["labels"]), list(f.get(SEQ_LENS) or [len(f["input_ids"])]))
                 for f in features]
-        if _uses_varlen_kernel(self.attn_implementation):
+        if _uses_single_row(self.attn_implementation):
             # One row, no padding at all: the kernel's cu_seqlens come from the restarting position ids.
             ids = [t for row in rows for t in row[0]]
             labels = [t for row in rows for t in row[1]]
-            positions = [p for row in rows for n in row[2] for p in range(n)]
-            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                    "position_ids": torch.tensor([positions])}
+            lens = [n for row in rows for n in row[2]]
+            starts = [0]
+            for n in lens:
+                starts.append(starts[-1] + n)
+            for start in starts[:-1]:
+                labels[start] = IGNORE_INDEX  # an unpacked sample's first token is never predicted either
+            batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                     "position_ids": torch.tensor([[p for n in lens for p in range(n)]])}
+            if self.attn_implementation == PER_SAMPLE_ATTENTION:
+                batch["cu_seq_lens_q"] = torch.tensor(starts, dtype=torch.int32)
+            return batch
 
         width = max(len(row[0]) for row in rows)
         if self.pad_to_multiple_of:

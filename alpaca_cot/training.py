@@ -49,7 +49,13 @@ from .inference import RUN_MANIFEST, LoadedModel
 from .loss import LeanLossTrainer
 from .methods import PeftMethod, get_method
 from .models import load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
-from .packing import PackedCollator, pack_dataset, packing_efficiency
+from .packing import (
+    PER_SAMPLE_ATTENTION,
+    PackedCollator,
+    pack_dataset,
+    packing_efficiency,
+    use_per_sample_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +139,12 @@ def _resume_path(args: Namespace, output_dir: Path) -> str | None:
     return str(path)
 
 
-def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
-    """(dtype to load the base in, Trainer fp16, Trainer bf16)."""
+def _precision(compute_dtype: str, on_cuda: bool, weights_train: bool = False) -> tuple[Any, bool, bool]:
+    """(dtype to load the base in, Trainer fp16, Trainer bf16).
+
+    ``weights_train``: the model's own weights are trained (full / freeze), so on the CPU they keep
+    fp32 master copies under bf16 autocast; a frozen base under an adapter is simply loaded in bf16.
+    """
     import torch
 
     if compute_dtype == "auto":
@@ -145,8 +155,8 @@ def _precision(compute_dtype: str, on_cuda: bool) -> tuple[Any, bool, bool]:
         if compute_dtype == "fp16":
             return torch.float16, True, False
         return torch.float32, False, False
-    if compute_dtype == "bf16":
-        return torch.float32, False, True  # CPU autocast to bf16, fp32 master weights
+    if compute_dtype == "bf16":  # CPU autocast to bf16; a frozen base needs no fp32 copy (nor the casts)
+        return (torch.float32 if weights_train else torch.bfloat16), False, True
     if compute_dtype == "fp16":
         logger.info("--compute_dtype fp16 needs CUDA: training in fp32 on the CPU")
     return torch.float32, False, False
@@ -356,7 +366,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     if family.fp16_unstable and compute_dtype == "fp16" and on_cuda:
         compute_dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         logger.info("%s models overflow in fp16: training in %s instead", family.name, compute_dtype)
-    load_dtype, fp16, bf16 = _precision(compute_dtype, on_cuda)
+    load_dtype, fp16, bf16 = _precision(compute_dtype, on_cuda, weights_train=method.select_trainable is not None)
     if method.select_trainable and fp16:
         load_dtype = torch.float32  # fp16 AMP needs fp32 master weights when the weights themselves train
     report_to = _configure_reporting(args.report_to, output_dir)
@@ -400,6 +410,9 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     set_seed(args.seed)  # the adapter's initial weights: same seed, same run (also across process counts)
     device_map = device_map_for(args, on_cuda)
     model = load_model(model_path, family, load_dtype, args.quantization_bit, device_map, args.trust_remote_code)
+    # On the CPU one causal SDPA call per sample beats a block-diagonal mask; GPUs keep the mask or flash varlen.
+    if packing and not on_cuda and use_per_sample_attention(model):
+        logger.info("packed rows attend sample by sample (attention %s)", PER_SAMPLE_ATTENTION)
     peft_config = method.build_config(args, family, model, total_steps) if method.build_config else None
 
     before = None

@@ -80,7 +80,7 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
     from alpaca_cot.data import IGNORE_INDEX, prepare_data
     from alpaca_cot.loss import LeanLossTrainer
     from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
-    from alpaca_cot.packing import PackedCollator, pack_dataset
+    from alpaca_cot.packing import PackedCollator, pack_dataset, use_per_sample_attention
     from alpaca_cot.templates import get_template
     from alpaca_cot.training import _prepare_for_training
 
@@ -107,6 +107,8 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
             collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         else:
             train = pack_dataset(samples, args.cutoff_len)
+            if not on_cuda:
+                use_per_sample_attention(model)  # as training does on the CPU
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             collate = PackedCollator(pad, model.config._attn_implementation, 8 if on_cuda else None)
         real_tokens: list[int] = []

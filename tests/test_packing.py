@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from alpaca_cot.loss import chunked_cross_entropy_sum
-from alpaca_cot.packing import IGNORE_INDEX, PackedCollator, pack_dataset, pack_sample_order
+from alpaca_cot.packing import (
+    IGNORE_INDEX,
+    PER_SAMPLE_ATTENTION,
+    PackedCollator,
+    pack_dataset,
+    pack_sample_order,
+    use_per_sample_attention,
+)
 
 
 def _samples(lengths: list[int], vocab: int = 200, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -29,7 +36,11 @@ def _dataset(lengths: list[int]):
 def _load(folder, attn: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+    per_sample = attn == PER_SAMPLE_ATTENTION
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation="sdpa" if per_sample else attn)
+    if per_sample:
+        assert use_per_sample_attention(model)
     return model.eval()
 
 
@@ -59,7 +70,7 @@ def test_pack_sample_order_fits_rows_and_keeps_every_sample():
     assert len(rows) == 5  # 285 tokens: 5 rows of 64 is the minimum
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PER_SAMPLE_ATTENTION])
 def test_packed_loss_equals_unpacked_loss(tiny_llama, attn):
     lengths = [7, 30, 12, 45, 3, 22, 16, 9]
     samples = _samples(lengths)
@@ -105,6 +116,58 @@ def test_varlen_backends_get_one_flat_row_with_restarting_positions():
         [packed[i] for i in range(len(packed))])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 14)
     assert sorted(batch["position_ids"][0].tolist()) == sorted(list(range(5)) + list(range(3)) + list(range(6)))
+    assert "cu_seq_lens_q" not in batch  # flash derives its boundaries from the position ids
+
+
+def test_per_sample_attention_gets_sample_boundaries_and_unpacked_samples_lose_their_first_target():
+    samples = _samples([5, 3, 6])
+    for sample in samples:
+        sample["labels"] = list(sample["input_ids"])  # --train_on_inputs: every token a target
+    batch = PackedCollator(pad_token_id=0, attn_implementation=PER_SAMPLE_ATTENTION)(samples)  # eval: unpacked
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 8, 14]
+    assert [batch["labels"][0, s].item() for s in (0, 5, 8)] == [IGNORE_INDEX] * 3
+    assert batch["labels"][0, 6].item() == samples[1]["input_ids"][1]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_per_sample_attention_matches_separate_causal_attention_with_gradients(heads, kv_heads):
+    """Each sample's output and gradients equal causal attention over that sample alone (grouped KV too)."""
+    from types import SimpleNamespace
+
+    from alpaca_cot.packing import per_sample_sdpa
+
+    torch.manual_seed(0)
+    lens = [7, 1, 12, 4]
+    q = torch.randn(1, heads, sum(lens), 8, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, sum(lens), 8, requires_grad=True) for _ in range(2))
+    bounds = torch.tensor([0, 7, 8, 20, 24], dtype=torch.int32)
+    out, _ = per_sample_sdpa(SimpleNamespace(is_causal=True), q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds)
+    expected = []
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        ks, vs = (t[:, :, start:end].repeat_interleave(heads // kv_heads, 1) for t in (k, v))
+        scores = q[:, :, start:end] @ ks.transpose(-1, -2) * 0.3
+        scores = scores.masked_fill(torch.ones(end - start, end - start, dtype=torch.bool).triu(1), float("-inf"))
+        expected.append((scores.softmax(-1) @ vs).transpose(1, 2))
+    expected = torch.cat(expected, dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_per_sample_attention_model_still_generates_and_saves_a_plain_config(tiny_llama, tmp_path):
+    """Outside packed training (no cu_seq_lens_q) it is plain SDPA, and the saved config names no custom backend."""
+    import json
+
+    plain = _load(tiny_llama, "sdpa")
+    model = _load(tiny_llama, PER_SAMPLE_ATTENTION)
+    prompt = torch.tensor([[1, 5, 9, 30, 7]])
+    expected = plain.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    model.save_pretrained(tmp_path / "saved")
+    assert PER_SAMPLE_ATTENTION not in json.dumps(json.loads((tmp_path / "saved" / "config.json").read_text()))
 
 
 @pytest.mark.parametrize("weight_trains", [False, True])
@@ -204,3 +267,24 @@ def test_a_stream_is_packed_on_the_fly_without_losing_or_splitting_samples():
     assert sorted(n for row in rows for n in row["seq_lens"]) == sorted(lengths)
     assert all(len(row["input_ids"]) == sum(row["seq_lens"]) <= 64 for row in rows)
     assert len(rows) < len(lengths)
+
+
+def test_packed_forward_reaches_the_per_sample_kernel_with_boundaries(tiny_llama, monkeypatch):
+    """The boundaries travel from the collator through the model to every attention layer."""
+    from alpaca_cot import packing
+
+    seen = []
+    real = packing.per_sample_sdpa
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(kwargs.get("cu_seq_lens_q"))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(packing, "per_sample_sdpa", spy)
+    model = _load(tiny_llama, PER_SAMPLE_ATTENTION)
+    packed = pack_dataset(_dataset([9, 20, 14]), 32)
+    batch = PackedCollator(pad_token_id=0, attn_implementation=PER_SAMPLE_ATTENTION)([packed[i] for i in range(2)])
+    with torch.no_grad():
+        _packed_loss(model, batch)
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(bounds is not None and bounds.tolist() == batch["cu_seq_lens_q"].tolist() for bounds in seen)
