@@ -27,6 +27,7 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 from . import __version__
 from .atomic import write_json_atomic
 from .catalog import DataSource, parse_data_spec, resolve_data
+from .cpu_dropout import use_bits_dropout
 from .data import IGNORE_INDEX, DataOptions, check_data_args, load_records, prepare_data
 from .distributed import (
     CHECKPOINT_COMPLETE,
@@ -432,6 +433,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
+        if not on_cuda:
+            use_bits_dropout(model)  # torch's dropout draws its mask on one CPU thread
     trainable, total = _count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -459,7 +462,11 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing raw dicts
-    with explain_peer_failure():
+    # Under CPU autocast an adapter's linear layers run in bf16 anyway: PEFT's cast of their input to the
+    # adapter's fp32 (and autocast's cast back) would only copy activations. Restored for generation after.
+    from peft.helpers import disable_input_dtype_casting
+
+    with explain_peer_failure(), disable_input_dtype_casting(model, active=bf16 and not on_cuda):
         result = trainer.train(resume_from_checkpoint=resume)
         state_dict = gathered_state_dict(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -97,3 +97,25 @@ def test_full_fine_tuning_refuses_a_quantized_base(tiny_llama, sample_file, tmp_
 
     assert train_tiny(tiny_llama, sample_file, tmp_path / "o", "--peft_type", "full", "--quantization_bit", "4") == 2
     assert "cannot be 4/8-bit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("peft_type", sorted(name for name, m in METHODS.items() if m.build_config))
+def test_adapters_on_a_bf16_base_train_in_fp32(peft_type, tiny_llama):
+    """--compute_dtype bf16 loads a frozen base in bf16 (CPU too); what trains must still be fp32 for AdamW."""
+    from peft import get_peft_model
+
+    import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters
+    from alpaca_cot.training import _precision
+
+    load_dtype, fp16, bf16 = _precision("bf16", on_cuda=False)
+    assert (load_dtype, fp16, bf16) == (torch.bfloat16, False, True)
+    assert _precision("bf16", on_cuda=False, weights_train=True)[0] == torch.float32  # full / freeze
+    model = load_model(str(tiny_llama), FAMILIES["llama"], load_dtype)
+    config = METHODS[peft_type].build_config(_method_args(peft_type), FAMILIES["llama"], model, total_steps=100)
+    model = get_peft_model(model, config)
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, trainable
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=FIXED_IDS, labels=FIXED_IDS).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
