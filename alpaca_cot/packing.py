@@ -13,7 +13,7 @@ position ids that restart at 0 for each sample, and
 - flash / flex attention: no mask; the whole batch becomes one row whose position ids tell the
   varlen kernels where samples start (transformers derives ``cu_seqlens`` from them);
 - ``sdpa_per_sample`` (what training picks on the CPU, see ``use_per_sample_attention``): the same
-  single row plus ``cu_seq_lens_q``, and one mask-free causal SDPA call per sample.
+  single row, and one mask-free causal SDPA call per sample.
 
 Position ids alone are not enough on SDPA/eager: transformers detects packing from position ids
 only when no 2D mask and no cache is passed, so a plain training batch would attend across samples.
@@ -24,6 +24,7 @@ sample), which makes a packed batch's loss equal to that of the same samples unp
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Any
 
 from torch.utils.data import Dataset as TorchDataset
@@ -152,23 +153,34 @@ def packing_efficiency(dataset: PackedRows, packing_len: int) -> float:
 PER_SAMPLE_ATTENTION = "sdpa_per_sample"
 
 
+def packed_sample_lengths(position_ids: Any, tokens: int) -> list[int] | None:
+    """Sample lengths of one flat packed row, read from its restarting position ids; None if it is not one."""
+    if position_ids is None or tuple(position_ids.shape) != (1, tokens) or position_ids[0, 0].item() != 0:
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [tokens]
+    return [end - start for start, end in zip(starts[:-1], starts[1:])]
+
+
 def per_sample_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                    scaling: float | None = None, cu_seq_lens_q: Any = None, **kwargs: Any) -> tuple[Any, None]:
+                    scaling: float | None = None, position_ids: Any = None, **kwargs: Any) -> tuple[Any, None]:
     """Attention of one flat packed row, computed sample by sample: causal SDPA within each, nothing across.
 
-    An ``AttentionInterface`` function (query ``(1, heads, tokens, dim)``, output ``(1, tokens, heads, dim)``).
-    On the CPU this beats one block-diagonal masked call over padded rows: each sample costs its own
-    length squared instead of the row's, the causal kernel needs no mask, no padding is computed, and the
-    inputs go to the kernel in fp32 because the CPU flash kernel's bf16 backward is slower than its fp32 one.
-    Without ``cu_seq_lens_q`` (generation, evaluation of a padded batch) it is plain SDPA with the model's mask.
+    An ``AttentionInterface`` function (query ``(1, heads, tokens, dim)``, output ``(1, tokens, heads, dim)``);
+    samples start where the position ids restart at 0. On the CPU this beats one block-diagonal masked call
+    over padded rows: each sample costs its own length squared instead of the row's, the causal kernel
+    needs no mask, no padding is computed, and the inputs go to the kernel in fp32 because the CPU flash
+    kernel's bf16 backward is slower than its fp32 one. Outside training (generation, evaluation) it is
+    plain SDPA with the model's mask, which transformers builds block-diagonal from the same position ids.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if cu_seq_lens_q is None or query.shape[0] != 1:
+    lengths = None
+    if module.training and query.shape[0] == 1 and key.shape[2] == query.shape[2]:
+        lengths = packed_sample_lengths(position_ids, query.shape[2])
+    if lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    lengths = cu_seq_lens_q.diff().tolist()
+                                      position_ids=position_ids, **kwargs)
     grouped = key.shape[1] != query.shape[1]
     kernel_dtype = torch.float32 if query.device.type == "cpu" else query.dtype
     # split, not slicing: its backward is one concatenation instead of a zero-filled copy per sample
@@ -184,7 +196,7 @@ def use_per_sample_attention(model: Any) -> bool:
     """Switch an SDPA model to ``per_sample_sdpa`` for packed training; False when it cannot take it.
 
     Only models whose attention goes through transformers' ``AttentionInterface`` (every model
-    transformers ships, not remote code) pass ``cu_seq_lens_q`` on to it.
+    transformers ships, not remote code) hand it the position ids.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -198,7 +210,7 @@ def use_per_sample_attention(model: Any) -> bool:
 
 
 def _uses_single_row(attn_implementation: str) -> bool:
-    """Backends that read sample boundaries from a single row's position ids (flash, flex) or ``cu_seq_lens_q``."""
+    """Backends that read sample boundaries from a single row's restarting position ids."""
     return ("flash" in attn_implementation or attn_implementation in ("flex_attention", PER_SAMPLE_ATTENTION))
 
 
@@ -225,16 +237,10 @@ class PackedCollator:
             ids = [t for row in rows for t in row[0]]
             labels = [t for row in rows for t in row[1]]
             lens = [n for row in rows for n in row[2]]
-            starts = [0]
-            for n in lens:
-                starts.append(starts[-1] + n)
-            for start in starts[:-1]:
+            for start in itertools.accumulate(lens[:-1], initial=0):
                 labels[start] = IGNORE_INDEX  # an unpacked sample's first token is never predicted either
-            batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                     "position_ids": torch.tensor([[p for n in lens for p in range(n)]])}
-            if self.attn_implementation == PER_SAMPLE_ATTENTION:
-                batch["cu_seq_lens_q"] = torch.tensor(starts, dtype=torch.int32)
-            return batch
+            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                    "position_ids": torch.tensor([[p for n in lens for p in range(n)]])}
 
         width = max(len(row[0]) for row in rows)
         if self.pad_to_multiple_of:

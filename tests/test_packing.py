@@ -71,17 +71,24 @@ def test_pack_sample_order_fits_rows_and_keeps_every_sample():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", PER_SAMPLE_ATTENTION])
-def test_packed_loss_equals_unpacked_loss(tiny_llama, attn):
+def test_packed_loss_equals_unpacked_loss(tiny_llama, attn, monkeypatch):
     lengths = [7, 30, 12, 45, 3, 22, 16, 9]
     samples = _samples(lengths)
     packed = pack_dataset(_dataset(lengths), 64)
     assert len(packed) < len(lengths)
     model = _load(tiny_llama, attn)
+    if attn == PER_SAMPLE_ATTENTION:  # its per-sample path runs in training mode; prove it is the one used
+        model.train()
+        monkeypatch.setattr("transformers.integrations.sdpa_attention.sdpa_attention_forward", _no_fallback)
     collate = PackedCollator(pad_token_id=0, attn_implementation=attn)
     with torch.no_grad():
         expected = _unpacked_loss(model, samples)
         got = _packed_loss(model, collate([packed[i] for i in range(len(packed))]))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _no_fallback(*args, **kwargs):
+    raise AssertionError("per_sample_sdpa fell back to plain SDPA")
 
 
 def test_packed_position_ids_alone_attend_across_samples(tiny_llama):
@@ -116,15 +123,15 @@ def test_varlen_backends_get_one_flat_row_with_restarting_positions():
         [packed[i] for i in range(len(packed))])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 14)
     assert sorted(batch["position_ids"][0].tolist()) == sorted(list(range(5)) + list(range(3)) + list(range(6)))
-    assert "cu_seq_lens_q" not in batch  # flash derives its boundaries from the position ids
 
 
-def test_per_sample_attention_gets_sample_boundaries_and_unpacked_samples_lose_their_first_target():
+def test_per_sample_attention_gets_one_row_and_unpacked_samples_lose_their_first_target():
     samples = _samples([5, 3, 6])
     for sample in samples:
         sample["labels"] = list(sample["input_ids"])  # --train_on_inputs: every token a target
     batch = PackedCollator(pad_token_id=0, attn_implementation=PER_SAMPLE_ATTENTION)(samples)  # eval: unpacked
-    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 8, 14]
+    assert batch["position_ids"].tolist() == [list(range(5)) + list(range(3)) + list(range(6))]
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # all batch-first: accelerate may split them
     assert [batch["labels"][0, s].item() for s in (0, 5, 8)] == [IGNORE_INDEX] * 3
     assert batch["labels"][0, 6].item() == samples[1]["input_ids"][1]
 
@@ -140,10 +147,12 @@ def test_per_sample_attention_matches_separate_causal_attention_with_gradients(h
     lens = [7, 1, 12, 4]
     q = torch.randn(1, heads, sum(lens), 8, requires_grad=True)
     k, v = (torch.randn(1, kv_heads, sum(lens), 8, requires_grad=True) for _ in range(2))
-    bounds = torch.tensor([0, 7, 8, 20, 24], dtype=torch.int32)
-    out, _ = per_sample_sdpa(SimpleNamespace(is_causal=True), q, k, v, None, scaling=0.3, cu_seq_lens_q=bounds)
+    positions = torch.tensor([[p for n in lens for p in range(n)]])
+    training = SimpleNamespace(is_causal=True, training=True)
+    out, _ = per_sample_sdpa(training, q, k, v, None, scaling=0.3, position_ids=positions)
     expected = []
-    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+    bounds = [0, 7, 8, 20, 24]
+    for start, end in zip(bounds[:-1], bounds[1:]):
         ks, vs = (t[:, :, start:end].repeat_interleave(heads // kv_heads, 1) for t in (k, v))
         scores = q[:, :, start:end] @ ks.transpose(-1, -2) * 0.3
         scores = scores.masked_fill(torch.ones(end - start, end - start, dtype=torch.bool).triu(1), float("-inf"))
@@ -158,7 +167,7 @@ def test_per_sample_attention_matches_separate_causal_attention_with_gradients(h
 
 
 def test_per_sample_attention_model_still_generates_and_saves_a_plain_config(tiny_llama, tmp_path):
-    """Outside packed training (no cu_seq_lens_q) it is plain SDPA, and the saved config names no custom backend."""
+    """Outside training it is plain SDPA (generation is unchanged), and a saved config names no custom backend."""
     import json
 
     plain = _load(tiny_llama, "sdpa")
@@ -188,20 +197,24 @@ def test_chunked_loss_matches_plain_loss_and_gradients(weight_trains):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _train_one_step(folder, samples, batch: int, accumulation: int, loss_chunk_size: int) -> dict[str, torch.Tensor]:
+def _train_one_step(folder, samples, batch: int, accumulation: int, loss_chunk_size: int, attn: str = "sdpa",
+                    checkpointing: bool = False) -> dict[str, torch.Tensor]:
     """Parameters after one plain SGD step (no clipping, no warm-up) over all ``samples``."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
     from alpaca_cot.loss import LeanLossTrainer
 
-    model = _load(folder, "sdpa").train()
+    model = _load(folder, attn).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     args = TrainingArguments(output_dir=str(folder / "unused"), per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
                              max_grad_norm=0.0, lr_scheduler_type="constant", use_cpu=True, report_to=[],
                              save_strategy="no", remove_unused_columns=False, disable_tqdm=True)
     trainer = LeanLossTrainer(model=model, args=args, train_dataset=Dataset.from_list(samples),
-                              data_collator=PackedCollator(pad_token_id=0), loss_chunk_size=loss_chunk_size)
+                              data_collator=PackedCollator(pad_token_id=0, attn_implementation=attn),
+                              loss_chunk_size=loss_chunk_size)
     trainer.train()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -269,22 +282,12 @@ def test_a_stream_is_packed_on_the_fly_without_losing_or_splitting_samples():
     assert len(rows) < len(lengths)
 
 
-def test_packed_forward_reaches_the_per_sample_kernel_with_boundaries(tiny_llama, monkeypatch):
-    """The boundaries travel from the collator through the model to every attention layer."""
-    from alpaca_cot import packing
-
-    seen = []
-    real = packing.per_sample_sdpa
-
-    def spy(module, query, key, value, attention_mask, **kwargs):
-        seen.append(kwargs.get("cu_seq_lens_q"))
-        return real(module, query, key, value, attention_mask, **kwargs)
-
-    monkeypatch.setattr(packing, "per_sample_sdpa", spy)
-    model = _load(tiny_llama, PER_SAMPLE_ATTENTION)
-    packed = pack_dataset(_dataset([9, 20, 14]), 32)
-    batch = PackedCollator(pad_token_id=0, attn_implementation=PER_SAMPLE_ATTENTION)([packed[i] for i in range(2)])
-    with torch.no_grad():
-        _packed_loss(model, batch)
-    assert len(seen) == model.config.num_hidden_layers
-    assert all(bounds is not None and bounds.tolist() == batch["cu_seq_lens_q"].tolist() for bounds in seen)
+def test_per_sample_attention_step_with_checkpointing_equals_the_masked_step(tiny_llama):
+    """A Trainer step on one flat row (per-sample attention, recomputed under checkpointing) moves every weight
+    as the padded block-diagonal-mask step does."""
+    samples = _samples([40, 6, 25, 13])
+    masked = _train_one_step(tiny_llama, samples, 4, 1, loss_chunk_size=16)
+    per_sample = _train_one_step(tiny_llama, samples, 4, 1, loss_chunk_size=16, attn=PER_SAMPLE_ATTENTION,
+                                 checkpointing=True)
+    for name, value in masked.items():
+        torch.testing.assert_close(per_sample[name], value, rtol=1e-4, atol=1e-6, msg=name)
