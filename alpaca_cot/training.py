@@ -27,7 +27,7 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 from . import __version__
 from .atomic import write_json_atomic
 from .catalog import DataSource, parse_data_spec, resolve_data
-from .cpu_dropout import use_bits_dropout
+from .cpu_adapters import adapter_input_casts_off, use_bits_dropout
 from .data import IGNORE_INDEX, DataOptions, check_data_args, load_records, prepare_data
 from .distributed import (
     CHECKPOINT_COMPLETE,
@@ -462,11 +462,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing raw dicts
-    # Under CPU autocast an adapter's linear layers run in bf16 anyway: PEFT's cast of their input to the
-    # adapter's fp32 (and autocast's cast back) would only copy activations. Restored for generation after.
-    from peft.helpers import disable_input_dtype_casting
-
-    with explain_peer_failure(), disable_input_dtype_casting(model, active=bf16 and not on_cuda):
+    # Restored afterwards: generation outside autocast needs the input in the adapter's dtype.
+    with explain_peer_failure(), adapter_input_casts_off(model, active=bf16 and not on_cuda):
         result = trainer.train(resume_from_checkpoint=resume)
         state_dict = gathered_state_dict(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

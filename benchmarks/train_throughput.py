@@ -76,11 +76,10 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from peft.helpers import disable_input_dtype_casting
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from alpaca_cot.catalog import resolve_data
-    from alpaca_cot.cpu_dropout import use_bits_dropout
+    from alpaca_cot.cpu_adapters import adapter_input_casts_off, use_bits_dropout
     from alpaca_cot.data import IGNORE_INDEX, prepare_data
     from alpaca_cot.loss import LeanLossTrainer
     from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
@@ -142,7 +141,7 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
         trainer = Trainer(**common) if recipe == "original" else LeanLossTrainer(**common)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-        with disable_input_dtype_casting(model, active=recipe == "ours" and bf16 and not on_cuda):
+        with adapter_input_casts_off(model, active=recipe == "ours" and bf16 and not on_cuda):
             trainer.train()
         if on_cuda:
             torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""A faster dropout for adapter training on the CPU.
+"""Adapter training on the CPU: a faster dropout, and no pointless input casts under autocast.
 
 ``torch.nn.Dropout`` on the CPU draws one Mersenne-Twister number per element, on one thread (its
 vectorised MKL path is taken on Intel CPUs only): on the AMD EPYC machines this project measures on,
@@ -6,10 +6,15 @@ LoRA's dropout on q and v was 7% of a packed training step. ``BitsDropout`` draw
 four elements and compares 16-bit lanes with a threshold, about three times faster for the same mask
 distribution, except that the drop probability is rounded to a multiple of 1/65,536 (0.05 becomes
 0.0500031). It is seeded by the same global generator, so runs stay reproducible.
+
+``adapter_input_casts_off``: PEFT casts an adapter's input to the adapter's fp32 weights, and under
+bf16 autocast the adapter's linear layers cast it straight back; during training that is only copying.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,3 +59,20 @@ def use_bits_dropout(model: Any) -> int:
                 dropouts[name] = BitsDropout(dropout.p).train(dropout.training)
                 replaced += 1
     return replaced
+
+
+@contextlib.contextmanager
+def adapter_input_casts_off(model: Any, active: bool = True) -> Iterator[None]:
+    """Within the block, PEFT layers leave their input's dtype alone (autocast picks the matmul dtype).
+
+    Like ``peft.helpers.disable_input_dtype_casting``, but it skips tuner layers that have no such
+    switch (IA3's, the bottleneck adapters'), on which that helper raises.
+    """
+    switched = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", False)] if active else []
+    for module in switched:
+        module.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.cast_input_dtype_enabled = True

@@ -1,9 +1,10 @@
-"""BitsDropout: the same mask distribution as torch's dropout, reproducible, and only on adapters."""
+"""BitsDropout: the same mask distribution as torch's dropout, reproducible, and only on adapters;
+adapter input casts switched off and back on."""
 
 import pytest
 import torch
 
-from alpaca_cot.cpu_dropout import BitsDropout, use_bits_dropout
+from alpaca_cot.cpu_adapters import BitsDropout, adapter_input_casts_off, use_bits_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -60,3 +61,23 @@ def test_only_the_adapters_dropouts_are_replaced(tiny_llama):
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_input_casts_are_switched_off_for_layers_that_have_the_switch_and_restored(tiny_llama):
+    """IA3 layers have no switch (peft's own helper raises on them); LoRA layers get theirs back after the block."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for config in (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+                   IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             task_type="CAUSAL_LM")):
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+        model = get_peft_model(base, config)
+        switches = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        with adapter_input_casts_off(model):
+            assert not any(m.cast_input_dtype_enabled for m in switches)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(input_ids=torch.tensor([[1, 5, 9]])).logits.float().sum().backward()
+        assert all(m.cast_input_dtype_enabled for m in switches)
+        with torch.no_grad():  # outside autocast the cast is back: fp32 adapters on a bf16 base still run
+            model(input_ids=torch.tensor([[1, 5, 9]]))
