@@ -176,3 +176,15 @@ def test_missing_pad_token_is_filled_per_family_and_pads_are_never_learned(name,
     width = len(examples[0]["input_ids"])
     assert batch["attention_mask"][0, width:].sum() == 0 and (batch["labels"][0, width:] == IGNORE_INDEX).all()
     assert batch["labels"][0, width - 1] == tokenizer.eos_token_id  # the answer's own EOS is learned
+
+
+def test_output_head_gets_a_contiguous_input_for_the_last_position(tiny_llama):
+    """torch's CPU bf16 matmul expands the head's weight per row for a strided slice: load_model hands it a copy."""
+    import torch
+
+    model = load_model(str(tiny_llama), FAMILIES["llama"], torch.bfloat16)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 13], [1, 7, 8, 2]]), logits_to_keep=1).logits
+    assert logits.shape[:2] == (2, 1) and seen == [True]
