@@ -29,8 +29,9 @@ class BitsDropout(torch.nn.Module):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = round(p * 65536) / 65536
-        self.threshold = round(p * 65536) - 32768  # a lane below it (probability p) drops its element
+        dropped_lanes = round(p * 65536)  # of the 65,536 values a 16-bit lane takes
+        self.p = dropped_lanes / 65536
+        self.threshold = dropped_lanes - 32768  # a lane below it (probability p) drops its element
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not self.training or self.p == 0.0:

@@ -201,6 +201,7 @@ def use_per_sample_attention(model: Any) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or not model._can_set_attn_implementation():
         return False
     AttentionInterface.register(PER_SAMPLE_ATTENTION, per_sample_sdpa)

@@ -333,6 +333,17 @@ def _training_arguments(args: Namespace, output_dir: Path, total_steps: int, has
     )
 
 
+def use_cpu_fast_paths(model: Any, packing: bool) -> None:
+    """What CPU training does differently (GPUs keep the block-diagonal mask or flash varlen, torch's dropout).
+
+    Packed rows attend with one causal SDPA call per sample, and adapters' dropouts become
+    ``BitsDropout`` (torch's draws its mask on one CPU thread). Call it on the (PEFT-wrapped) model.
+    """
+    if packing and use_per_sample_attention(model):
+        logger.info("packed rows attend sample by sample (attention %s)", PER_SAMPLE_ATTENTION)
+    use_bits_dropout(model)
+
+
 def _collator(tokenizer: Any, model: Any, packing: bool, on_cuda: bool) -> Any:
     """Packed rows: boundaries kept by the attention backend's own means; otherwise pad each batch."""
     if packing:
@@ -411,9 +422,6 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     set_seed(args.seed)  # the adapter's initial weights: same seed, same run (also across process counts)
     device_map = device_map_for(args, on_cuda)
     model = load_model(model_path, family, load_dtype, args.quantization_bit, device_map, args.trust_remote_code)
-    # On the CPU one causal SDPA call per sample beats a block-diagonal mask; GPUs keep the mask or flash varlen.
-    if packing and not on_cuda and use_per_sample_attention(model):
-        logger.info("packed rows attend sample by sample (attention %s)", PER_SAMPLE_ATTENTION)
     peft_config = method.build_config(args, family, model, total_steps) if method.build_config else None
 
     before = None
@@ -433,8 +441,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-        if not on_cuda:
-            use_bits_dropout(model)  # torch's dropout draws its mask on one CPU thread
+    if not on_cuda:
+        use_cpu_fast_paths(model, packing)
     trainable, total = _count_parameters(model)
     logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 

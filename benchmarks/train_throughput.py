@@ -79,13 +79,13 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from alpaca_cot.catalog import resolve_data
-    from alpaca_cot.cpu_adapters import adapter_input_casts_off, use_bits_dropout
+    from alpaca_cot.cpu_adapters import adapter_input_casts_off
     from alpaca_cot.data import IGNORE_INDEX, prepare_data
     from alpaca_cot.loss import LeanLossTrainer
     from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
-    from alpaca_cot.packing import PackedCollator, pack_dataset, use_per_sample_attention
+    from alpaca_cot.packing import pack_dataset
     from alpaca_cot.templates import get_template
-    from alpaca_cot.training import _prepare_for_training
+    from alpaca_cot.training import _collator, _prepare_for_training, use_cpu_fast_paths
 
     logging.basicConfig(level=logging.WARNING)
     on_cuda = args.device == "cuda"
@@ -110,11 +110,9 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
             collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         else:
             train = pack_dataset(samples, args.cutoff_len)
-            if not on_cuda:  # as training does on the CPU
-                use_per_sample_attention(model)
-                use_bits_dropout(model)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            collate = PackedCollator(pad, model.config._attn_implementation, 8 if on_cuda else None)
+            if not on_cuda:
+                use_cpu_fast_paths(model, packing=True)
+            collate = _collator(tokenizer, model, True, on_cuda)
         real_tokens: list[int] = []
 
         def counting_collate(features: list[dict]) -> dict:
