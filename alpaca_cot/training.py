@@ -474,15 +474,16 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     with explain_peer_failure(), adapter_input_casts_off(model, active=bf16 and not on_cuda):
         result = trainer.train(resume_from_checkpoint=resume)
         state_dict = gathered_state_dict(trainer)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # A run shorter than --logging_steps logs no loss: its mean stands for the first and last.
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] or [result.training_loss]
 
     summary: dict[str, Any] = {
         "output_dir": str(output_dir),
         "main_process": trainer.is_world_process_zero(),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
         "trainable_params": trainable,
         "total_params": total,
         "global_batch": global_batch,

@@ -235,3 +235,9 @@ def test_bottleneck_runs_are_served_but_not_merged(tiny_llama, sample_file, tmp_
     assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
     assert merge.main(["--lora_dir", str(out), "--merged_dir", str(tmp_path / "m")]) == 2
     assert "non-linear in its input, so it cannot be folded" in capsys.readouterr().err
+
+
+def test_a_run_shorter_than_the_logging_interval_still_prints_its_summary(tiny_llama, sample_file, tmp_path, capsys):
+    """--max_steps below --logging_steps logs no loss; the summary line used to crash on it."""
+    assert _train(tiny_llama, sample_file, tmp_path / "run", "--max_steps", "2", "--logging_steps", "5") == 0
+    assert "trained 2 steps" in capsys.readouterr().out
