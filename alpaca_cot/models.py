@@ -19,6 +19,7 @@ from typing import Any
 from .embedded import EMBEDDED_MODELS, resolve_embedded_model
 from .errors import UserError, unknown_name
 from .registry import build_registry
+from .remote.convert import converted_from
 from .templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,16 @@ class ModelFamily:
     fp16_unstable: bool = False  # activations overflow in fp16: --compute_dtype fp16 becomes bf16 (or fp32)
     # Telling apart generations that share a model_type (ChatGLM 1/2/3, Baichuan 1/2):
     config_keys: tuple[str, ...] = ()  # keys config.json must have
+    config_values: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs config.json must have
     config_name_hint: str = ""  # config.json cannot tell: the checkpoint's name or path must contain this
     config_architectures: tuple[str, ...] = ()  # `architectures` entries, when model_type names no family
     answer_prefix: str = ""  # special tokens before every answer, in every template (ChatGLM-6B's [gMASK]<sop>)
     # Packed rows (--packing) hand the model restarting position ids and a 4D block-diagonal mask;
     # BLOOM's ALiBi reads positions from a 2D mask, and remote code brings its own attention code.
     packs_samples: bool = True
+    # Remote-code families: the module of alpaca_cot.remote that converts the checkpoint to a native architecture
+    # or fixes its classes in memory (see alpaca_cot/remote/fixes.py).
+    remote_support: str = ""
 
 
 # Checkpoints that ship their own modelling and tokenizer code: opt-in, slow tokenizers, and no
@@ -97,36 +102,37 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
     # Remote-code families: the checkpoint's own Python files define model and tokenizer (auto_map), so
     # --trust_remote_code is required. ChatGLM 1/2/3 all say model_type "chatglm"; v1 has 2D positions, v2/v3
     # multi-query attention and identical configs, so ChatGLM3 is told by its name.
-    ModelFamily(name="chatglm", config_model_types=("chatglm",), config_keys=("position_encoding_2d",),
+    ModelFamily(name="chatglm", remote_support="chatglm", config_model_types=("chatglm",), config_keys=("position_encoding_2d",),
                 config_architectures=("ChatGLMModel",), model_class="AutoModel", **_REMOTE_CODE,
                 own_template="chatglm", answer_prefix="[gMASK]<sop>", **_GLM_STYLE),
-    ModelFamily(name="chatglm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
+    ModelFamily(name="chatglm2", remote_support="glm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
                 model_class="AutoModel", **_REMOTE_CODE, own_template="chatglm2", **_GLM_STYLE),
-    ModelFamily(name="chatglm3", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
+    ModelFamily(name="chatglm3", remote_support="glm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
                 config_name_hint="chatglm3", model_class="AutoModel", **_REMOTE_CODE,
                 own_template="chatglm3", **_GLM_STYLE),
     # MOSS (CodeGen architecture): fused q/v/k `qkv_proj`, `out_proj`, MLP `fc_in`/`fc_out`. The original
     # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer's one special token <|endoftext|> is
     # BOS, EOS and UNK, and there is no pad: it pads with that (masked from the loss like every pad).
-    ModelFamily(name="moss", config_model_types=("moss",), config_architectures=("MossForCausalLM",),
+    ModelFamily(name="moss", remote_support="moss", config_model_types=("moss",), config_architectures=("MossForCausalLM",),
                 lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "fc_out"), ia3_feedforward=("fc_out",),
                 bottleneck_sequential=("fc_in", "fc_out"), bottleneck_input_side=("fc_in",),
                 bottleneck_pfeiffer=("fc_out",), bottleneck_parallel=("qkv_proj",), **_REMOTE_CODE,
                 pad_fallback="eos", own_template="moss"),
-    ModelFamily(name="internlm", config_model_types=("internlm",), config_architectures=("InternLMForCausalLM",),
+    ModelFamily(name="internlm", remote_support="internlm", config_model_types=("internlm",), config_architectures=("InternLMForCausalLM",),
                 **{**_LLAMA_STYLE, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
                 **_REMOTE_CODE, pad_fallback="eos", own_template="internlm"),
     # InternLM2 fuses q/k/v into `wqkv`; its MLP is w1 (gate), w3 (up), w2 (down).
-    ModelFamily(name="internlm2", config_model_types=("internlm2",),
+    ModelFamily(name="internlm2", remote_support="internlm2", config_model_types=("internlm2",),
                 config_architectures=("InternLM2ForCausalLM",), lora_targets=("wqkv", "wo"),
                 ia3_targets=("wqkv", "w2"), ia3_feedforward=("w2",), bottleneck_sequential=("w1", "w3", "w2"),
                 bottleneck_input_side=("w1", "w3"), bottleneck_pfeiffer=("w2",), bottleneck_parallel=("wqkv",),
                 **_REMOTE_CODE, pad_fallback="eos", own_template="internlm2"),
-    # Baichuan fuses q/k/v into `W_pack`; slow SentencePiece tokenizer. Baichuan2 configs add z_loss_weight.
-    ModelFamily(name="baichuan", config_model_types=("baichuan",),
+    # Baichuan fuses q/k/v into `W_pack`; slow SentencePiece tokenizer. Baichuan2's vocabulary has 125,696
+    # tokens (Baichuan-1's 64,000); its real configs have no key of their own.
+    ModelFamily(name="baichuan", remote_support="baichuan", config_model_types=("baichuan",),
                 config_architectures=("BaiChuanForCausalLM", "BaichuanForCausalLM"), **_BAICHUAN_STYLE,
                 **_REMOTE_CODE, own_template="baichuan"),
-    ModelFamily(name="baichuan2", config_model_types=("baichuan",), config_keys=("z_loss_weight",),
+    ModelFamily(name="baichuan2", remote_support="baichuan", config_model_types=("baichuan",), config_values=(("vocab_size", 125696),),
                 **_BAICHUAN_STYLE, **_REMOTE_CODE, own_template="baichuan2"),
 )
 
@@ -180,7 +186,11 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 
 def detect_family(model_config: dict[str, Any], model_path: str) -> ModelFamily:
     """The family of a checkpoint from its ``config.json``: ``model_type`` (else ``architectures``), then the
-    rows' ``config_keys`` and name hints; the most specific matching row wins."""
+    rows' ``config_keys`` and name hints; the most specific matching row wins. Our native copy of a remote-code
+    checkpoint names the family it came from."""
+    converted = converted_from(model_config)
+    if converted and converted.get("family") in FAMILIES:
+        return FAMILIES[converted["family"]]
     model_type = str(model_config.get("model_type", ""))
     architectures = set(model_config.get("architectures") or [])
     name = f"{model_path} {model_config.get('_name_or_path', '')}".lower()
@@ -188,13 +198,14 @@ def detect_family(model_config: dict[str, Any], model_path: str) -> ModelFamily:
     if not by_type:
         by_type = [f for f in FAMILIES.values() if architectures & set(f.config_architectures)]
     candidates = [f for f in by_type if all(key in model_config for key in f.config_keys)
+                  and all(model_config.get(key) == value for key, value in f.config_values)
                   and (not f.config_name_hint or f.config_name_hint in name)]
     if not candidates:
         raise UserError(
             f"cannot tell the model family of {model_path} (config.json model_type {model_type!r}); "
             f"pass --model_type, one of: {', '.join(FAMILIES)}"
         )
-    return max(candidates, key=lambda f: (len(f.config_keys), bool(f.config_name_hint)))
+    return max(candidates, key=lambda f: (len(f.config_keys) + len(f.config_values), bool(f.config_name_hint)))
 
 
 def check_remote_code(family: ModelFamily, trust_remote_code: bool, model_path: str = "") -> None:
@@ -246,9 +257,14 @@ def load_tokenizer(model_path: str, family: ModelFamily, trust_remote_code: bool
     from transformers import AutoTokenizer
 
     check_remote_code(family, trust_remote_code, model_path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, use_fast=family.use_fast_tokenizer, trust_remote_code=trust_remote_code
-    )
+    if family.remote_support:
+        from .remote import load_remote_tokenizer
+
+        tokenizer = load_remote_tokenizer(model_path, family)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, use_fast=family.use_fast_tokenizer, trust_remote_code=trust_remote_code
+        )
     fill_pad_token(tokenizer, family)
     return tokenizer
 
@@ -292,7 +308,12 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = loader.from_pretrained(model_path, **kwargs)
+        if family.remote_support:
+            from .remote import load_remote_model
+
+            model = load_remote_model(model_path, family, kwargs)
+        else:
+            model = loader.from_pretrained(model_path, **kwargs)
     except OSError as exc:  # missing weights, offline hub, bad folder
         raise UserError(f"--model_name_or_path: cannot load {model_path}: {str(exc).splitlines()[0]}") from exc
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

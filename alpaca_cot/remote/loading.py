@@ -1,0 +1,89 @@
+"""Loading a remote-code family's tokenizer and model: natively after a one-time conversion where an equivalent
+native architecture exists, else through the checkpoint's own classes with the family's in-memory fixes."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..errors import UserError
+from .fixes import apply_fixes
+
+logger = logging.getLogger(__name__)
+
+
+def family_support(family: Any) -> ModuleType:
+    """The module of ``alpaca_cot.remote`` that adapts ``family`` (its row's ``remote_support``)."""
+    return importlib.import_module(f"{__package__}.{family.remote_support}")
+
+
+def _auto_map_entry(auto_map: dict[str, Any], keys: tuple[str, ...], what: str, model_path: str) -> str:
+    for key in keys:
+        entry = auto_map.get(key)
+        if isinstance(entry, (list, tuple)):  # tokenizers: [slow class, fast class]
+            entry = entry[0] or entry[1]
+        if entry:
+            return entry
+    raise UserError(f"{model_path}: its auto_map names no {what} class ({' or '.join(keys)}); is this the "
+                    "checkpoint's own folder, with its Python files?")
+
+
+def _remote_class(model_path: str, reference: str, import_fixes: tuple, fixes: tuple, what: str) -> type:
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    apply_fixes(import_fixes, what=f"{what} imports")
+    cls = get_class_from_dynamic_module(reference, model_path)
+    apply_fixes(fixes, cls, what)
+    return cls
+
+
+def remote_model_class(model_path: str, family: Any) -> type:
+    """The checkpoint's own model class (causal-LM head), with the family's fixes applied in memory."""
+    from ..models import read_model_config
+
+    support = family_support(family)
+    auto_map = read_model_config(model_path).get("auto_map") or {}
+    reference = _auto_map_entry(auto_map, ("AutoModelForCausalLM", "AutoModel"), "model", model_path)
+    return _remote_class(model_path, reference, support.IMPORT_FIXES, support.MODEL_FIXES, f"{family.name} model")
+
+
+def load_remote_tokenizer(model_path: str, family: Any) -> Any:
+    """The checkpoint's own tokenizer class, fixed in memory, loaded from ``model_path``."""
+    import json
+
+    config_file = Path(model_path) / "tokenizer_config.json"
+    if config_file.is_file():
+        auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map") or {}
+    else:
+        from ..models import read_model_config
+
+        auto_map = read_model_config(model_path).get("auto_map") or {}
+    reference = _auto_map_entry(auto_map, ("AutoTokenizer",), "tokenizer", model_path)
+    from .tokenizers import TOKENIZER_FIXES, TOKENIZER_IMPORT_FIXES
+
+    key = family.remote_support
+    cls = _remote_class(model_path, reference, TOKENIZER_IMPORT_FIXES.get(key, ()), TOKENIZER_FIXES.get(key, ()),
+                        f"{family.name} tokenizer")
+    return cls.from_pretrained(model_path, trust_remote_code=True)
+
+
+def load_remote_model(model_path: str, family: Any, kwargs: dict[str, Any]) -> Any:
+    """The model of ``model_path``: the cached native conversion if the family has one for this checkpoint,
+    else the checkpoint's own class with the family's fixes. ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models import read_model_config
+    from .convert import converted_checkpoint, converted_from
+
+    config = read_model_config(model_path)
+    if converted_from(config):  # already our native copy (e.g. a run's base): no remote code at all
+        return AutoModelForCausalLM.from_pretrained(model_path, **{**kwargs, "trust_remote_code": False})
+    conversion = family_support(family).native_conversion(config)
+    if conversion is not None:
+        native = converted_checkpoint(model_path, family, conversion)
+        return AutoModelForCausalLM.from_pretrained(native, **{**kwargs, "trust_remote_code": False})
+    cls = remote_model_class(model_path, family)
+    return cls.from_pretrained(model_path, **{**kwargs, "trust_remote_code": True})
