@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .inference import LoadedModel, prompt_ids
+from .inference import LoadedModel, prompt_ids, stop_token_ids
 from .templates import Message
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,17 @@ def stream_generate(loaded: LoadedModel, ids: list[int], generation_config: Any)
     import torch
     from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(generation_config)
+
+    class StopMarkerFreeStreamer(TextIteratorStreamer):
+        # a family's end marker may be no special token to its tokenizer (ChatGLM3's <|user|>): never print it
+        def put(self, value: Any) -> None:
+            if value.dim() == 1 or value.shape[0] == 1:
+                value = value.reshape(-1)
+                value = value[~torch.isin(value, torch.tensor(sorted(stops), dtype=value.dtype))] if stops else value
+            super().put(value)
+
+    streamer = StopMarkerFreeStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     device = next(loaded.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     errors: list[BaseException] = []

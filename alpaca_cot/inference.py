@@ -161,8 +161,7 @@ def generate_token_ids(
 
     tokenizer, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
-    eos_ids = set(generation_config.eos_token_id if isinstance(generation_config.eos_token_id, list)
-                  else [generation_config.eos_token_id])
+    eos_ids = stop_token_ids(generation_config)
     answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -185,8 +184,23 @@ def generate_batch(
     loaded: LoadedModel, prompts: list[list[int]], generation_config: Any, batch_size: int = 8
 ) -> list[str]:
     """Answer each prompt (token ids) as text."""
-    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for ids in generate_token_ids(loaded, prompts, generation_config, batch_size)]
+    stops = stop_token_ids(generation_config)
+    answers = generate_token_ids(loaded, prompts, generation_config, batch_size)
+    return [answer_text(loaded, ids, stops) for ids in answers]
+
+
+def stop_token_ids(generation_config: Any) -> set[int]:
+    """The ids that end an answer in ``generation_config`` (its ``eos_token_id``, one id or a list)."""
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def answer_text(loaded: LoadedModel, ids: list[int], stops: set[int]) -> str:
+    """The text of generated ``ids`` without the stop token that ended them: some families' end markers are not
+    special tokens to their tokenizer (ChatGLM3's ``<|user|>``, InternLM's ``<eoa>``), so decoding would print them."""
+    if ids and ids[-1] in stops:
+        ids = ids[:-1]
+    return loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def answer(loaded: LoadedModel, instruction: str, input_text: str = "", generation_config: Any = None) -> str:

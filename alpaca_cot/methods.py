@@ -7,6 +7,7 @@ row to ``METHODS``.
 from __future__ import annotations
 
 import logging
+import re
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,23 +15,64 @@ from typing import Any
 
 from .errors import UserError, unknown_name
 from .models import ModelFamily, linear_module_names
+from .module_roles import adaptable_layer_names, find_module_roles
 from .registry import build_registry
 
 logger = logging.getLogger(__name__)
 
 
+def default_targets(family: ModelFamily, field: str, model: Any, linear_only: bool = False) -> list[str]:
+    """The row's targets in ``field`` (e.g. ``lora_targets``); the generic row's name roles (module_roles.ROLES),
+    found here in ``model``: ``linear_only`` for adapters that wrap ``nn.Linear`` layers only."""
+    names = getattr(family, field)
+    if not family.generic:
+        return upstream_names_in_model(family, model, list(names))
+    roles = find_module_roles(model, linear_only)
+    found = list(dict.fromkeys(target for role in names for target in roles[role]))
+    logger.info("generic row: %s = %s, found in the model as %s", field, "+".join(names), ", ".join(found) or "none")
+    return found
+
+
+def upstream_names_in_model(family: ModelFamily, model: Any, names: list[str]) -> list[str]:
+    """Module names written for the family's upstream checkpoints (the row's defaults, the original README's
+    ``--lora_target_modules``) as ``model`` calls them: our native copy of a remote-code checkpoint splits fused
+    layers (ChatGLM2's ``query_key_value`` is ``q_proj k_proj v_proj`` there)."""
+    from .remote.loading import native_module_names
+
+    native = native_module_names(family, model, names)
+    if native != names:
+        logger.info("converted %s model: targets %s are %s in it", family.name, " ".join(names), " ".join(native))
+    return native
+
+
+def _method_defaults(family: ModelFamily, field: str, model: Any, flag: str, linear_only: bool = False) -> list[str]:
+    """The family's default targets for a method, or a UserError saying the model has none there."""
+    targets = default_targets(family, field, model, linear_only)
+    if not targets:
+        why = "experts fused into one tensor are not layers"
+        if linear_only:
+            why += "; bottleneck adapters wrap nn.Linear layers only, not transformers' Conv1D"
+        raise UserError(f"{flag}: this model has no layer to adapt in its {' / '.join(getattr(family, field))} "
+                        f"modules ({why}); name the layers to adapt, one of: "
+                        f"{', '.join(adaptable_layer_names(model, linear_only))}")
+    return targets
+
+
 def lora_targets(args: Namespace, family: ModelFamily, model: Any) -> list[str] | str:
     """``--lora_target_modules`` (or the family default), checked against the model's Linear layers."""
+    if not args.lora_target_modules and family.generic:
+        return _method_defaults(family, "lora_targets", model, "--lora_target_modules")
     requested = list(args.lora_target_modules or family.lora_targets)
     if requested == ["all"]:
         return "all-linear"
+    requested = upstream_names_in_model(family, model, requested)
     return _checked_targets(requested, model, "--lora_target_modules (or 'all')")
 
 
 def _lora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(
+    config = LoraConfig(
         task_type="CAUSAL_LM",
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -40,6 +82,31 @@ def _lora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) ->
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
     )
+    if config.lora_dropout and _adapts_fused_experts(config, model):
+        logger.info("LoRA reaches this model's fused expert weights, which take no dropout: --lora_dropout 0")
+        config.lora_dropout = 0.0
+    return config
+
+
+def _adapts_fused_experts(config: Any, model: Any) -> bool:
+    """Whether PEFT will put part of this LoRA on Parameters rather than layers.
+
+    transformers 5 fuses the experts of several mixture-of-experts models (Mixtral, DeepSeek-V3, Qwen3-MoE, ...)
+    into one tensor each, and PEFT maps the experts' transformers-4 layer names (``gate_proj``, ``w1``, the router's
+    ``gate``; 'all' includes them) onto those tensors; it refuses dropout there.
+    """
+    import copy
+
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a PEFT without the mapping adapts layers only
+        return False
+    probe = copy.deepcopy(config)
+    convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    return bool(getattr(probe, "target_parameters", None))
 
 
 def _adalora(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
@@ -70,12 +137,14 @@ def _adalora(args: Namespace, family: ModelFamily, model: Any, total_steps: int)
 def _ia3(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
     from peft import IA3Config
 
-    return IA3Config(task_type="CAUSAL_LM", target_modules=list(family.ia3_targets),
-                     feedforward_modules=list(family.ia3_feedforward))
+    targets = _method_defaults(family, "ia3_targets", model, "--peft_type ia3")
+    return IA3Config(task_type="CAUSAL_LM", target_modules=targets,
+                     feedforward_modules=default_targets(family, "ia3_feedforward", model))
 
 
-def _checked_targets(requested: list[str], model: Any, flag: str) -> list[str]:
-    available = linear_module_names(model)
+def _checked_targets(requested: list[str], model: Any, flag: str, linear_only: bool = False) -> list[str]:
+    # transformers' Conv1D (GPT-2) takes LoRA and IA3 like a Linear; bottleneck adapters wrap nn.Linear only
+    available = sorted(set(linear_module_names(model)) | set(adaptable_layer_names(model, linear_only)))
     missing = [name for name in requested if name not in available]
     if missing:
         raise UserError(f"{flag}: {', '.join(missing)} not in this model; "
@@ -87,9 +156,18 @@ def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
     def build(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
         from alpaca_cot_peft import BottleneckConfig
 
-        default = {"houlsby": family.bottleneck_sequential, "pfeiffer": family.bottleneck_pfeiffer,
-                   "parallel": family.bottleneck_parallel}[kind]
-        targets = _checked_targets(list(args.lora_target_modules or default), model, "--lora_target_modules")
+        field = {"houlsby": "bottleneck_sequential", "pfeiffer": "bottleneck_pfeiffer",
+                 "parallel": "bottleneck_parallel"}[kind]
+        flag = "--lora_target_modules"
+        if args.lora_target_modules or not family.generic:
+            requested = upstream_names_in_model(family, model, list(args.lora_target_modules or getattr(family, field)))
+            targets = _checked_targets(requested, model, flag, True)
+        else:
+            targets = _method_defaults(family, field, model, f"--peft_type {kind} (or {flag})", linear_only=True)
+        input_side = []
+        if kind == "houlsby":
+            sides = default_targets(family, "bottleneck_input_side", model, linear_only=True)
+            input_side = [_input_side_pattern(t) for t in targets if t in sides]
         scaling = args.adapter_scaling if args.adapter_scaling == "learned" else float(args.adapter_scaling)
         return BottleneckConfig(
             task_type="CAUSAL_LM",
@@ -97,7 +175,7 @@ def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
             non_linearity=args.non_linearity,
             adapter_dropout=args.adapter_dropout,
             target_modules=targets,
-            input_side_modules=[t for t in targets if t in family.bottleneck_input_side] if kind == "houlsby" else [],
+            input_side_modules=input_side,
             use_parallel_adapter=kind == "parallel",
             use_adapterp=kind == "pfeiffer",
             scaling=scaling,
@@ -105,6 +183,12 @@ def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
         )
 
     return build
+
+
+def _input_side_pattern(target: str) -> str:
+    """An input-side entry for a target: the extension compares short names, or fullmatches full module names;
+    a dotted suffix (the generic row's ``mlp.gate_proj``) becomes a pattern for the names it ends."""
+    return f"(.*\\.)?{re.escape(target)}" if "." in target else target
 
 
 def _prompt(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:

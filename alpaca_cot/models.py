@@ -61,6 +61,10 @@ class ModelFamily:
     # Remote-code families: the module of alpaca_cot.remote that converts the checkpoint to a native architecture
     # or fixes its classes in memory (see alpaca_cot/remote/fixes.py).
     remote_support: str = ""
+    # The generic row: claims every model_type transformers' AutoModelForCausalLM loads natively that no other row
+    # claims. Its target fields name roles (alpaca_cot/module_roles.py ROLES) found in the loaded model, and
+    # resolve_family decides packs_samples from the model class.
+    generic: bool = False
 
 
 # Checkpoints that ship their own modelling and tokenizer code: opt-in, slow tokenizers, and no
@@ -102,38 +106,56 @@ FAMILIES: dict[str, ModelFamily] = build_registry(
     # Remote-code families: the checkpoint's own Python files define model and tokenizer (auto_map), so
     # --trust_remote_code is required. ChatGLM 1/2/3 all say model_type "chatglm"; v1 has 2D positions, v2/v3
     # multi-query attention and identical configs, so ChatGLM3 is told by its name.
-    ModelFamily(name="chatglm", remote_support="chatglm", config_model_types=("chatglm",), config_keys=("position_encoding_2d",),
+    ModelFamily(name="chatglm", remote_support="chatglm",
+                config_model_types=("chatglm",), config_keys=("position_encoding_2d",),
                 config_architectures=("ChatGLMModel",), model_class="AutoModel", **_REMOTE_CODE,
                 own_template="chatglm", answer_prefix="[gMASK]<sop>", **_GLM_STYLE),
-    ModelFamily(name="chatglm2", remote_support="glm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
+    ModelFamily(name="chatglm2", remote_support="glm2",
+                config_model_types=("chatglm",), config_keys=("multi_query_attention",),
                 model_class="AutoModel", **_REMOTE_CODE, own_template="chatglm2", **_GLM_STYLE),
-    ModelFamily(name="chatglm3", remote_support="glm2", config_model_types=("chatglm",), config_keys=("multi_query_attention",),
+    ModelFamily(name="chatglm3", remote_support="glm2",
+                config_model_types=("chatglm",), config_keys=("multi_query_attention",),
                 config_name_hint="chatglm3", model_class="AutoModel", **_REMOTE_CODE,
                 own_template="chatglm3", **_GLM_STYLE),
     # MOSS (CodeGen architecture): fused q/v/k `qkv_proj`, `out_proj`, MLP `fc_in`/`fc_out`. The original
-    # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer's one special token <|endoftext|> is
-    # BOS, EOS and UNK, and there is no pad: it pads with that (masked from the loss like every pad).
-    ModelFamily(name="moss", remote_support="moss", config_model_types=("moss",), config_architectures=("MossForCausalLM",),
+    # README's q_proj/v_proj targets do not exist in MOSS. Its tokenizer has no pad: it pads with its EOS <eom>
+    # (masked from the loss like every pad; <|endoftext|> is its BOS and UNK).
+    ModelFamily(name="moss", remote_support="moss",
+                config_model_types=("moss",), config_architectures=("MossForCausalLM",),
                 lora_targets=("qkv_proj",), ia3_targets=("qkv_proj", "fc_out"), ia3_feedforward=("fc_out",),
                 bottleneck_sequential=("fc_in", "fc_out"), bottleneck_input_side=("fc_in",),
                 bottleneck_pfeiffer=("fc_out",), bottleneck_parallel=("qkv_proj",), **_REMOTE_CODE,
                 pad_fallback="eos", own_template="moss"),
-    ModelFamily(name="internlm", remote_support="internlm", config_model_types=("internlm",), config_architectures=("InternLMForCausalLM",),
+    ModelFamily(name="internlm", remote_support="internlm",
+                config_model_types=("internlm",), config_architectures=("InternLMForCausalLM",),
                 **{**_LLAMA_STYLE, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
                 **_REMOTE_CODE, pad_fallback="eos", own_template="internlm"),
     # InternLM2 fuses q/k/v into `wqkv`; its MLP is w1 (gate), w3 (up), w2 (down).
-    ModelFamily(name="internlm2", remote_support="internlm2", config_model_types=("internlm2",),
+    ModelFamily(name="internlm2", remote_support="internlm2",
+                config_model_types=("internlm2",),
                 config_architectures=("InternLM2ForCausalLM",), lora_targets=("wqkv", "wo"),
                 ia3_targets=("wqkv", "w2"), ia3_feedforward=("w2",), bottleneck_sequential=("w1", "w3", "w2"),
                 bottleneck_input_side=("w1", "w3"), bottleneck_pfeiffer=("w2",), bottleneck_parallel=("wqkv",),
                 **_REMOTE_CODE, pad_fallback="eos", own_template="internlm2"),
     # Baichuan fuses q/k/v into `W_pack`; slow SentencePiece tokenizer. Baichuan2's vocabulary has 125,696
     # tokens (Baichuan-1's 64,000); its real configs have no key of their own.
-    ModelFamily(name="baichuan", remote_support="baichuan", config_model_types=("baichuan",),
+    ModelFamily(name="baichuan", remote_support="baichuan",
+                config_model_types=("baichuan",),
                 config_architectures=("BaiChuanForCausalLM", "BaichuanForCausalLM"), **_BAICHUAN_STYLE,
                 **_REMOTE_CODE, own_template="baichuan"),
-    ModelFamily(name="baichuan2", remote_support="baichuan", config_model_types=("baichuan",), config_values=(("vocab_size", 125696),),
+    ModelFamily(name="baichuan2", remote_support="baichuan",
+                config_model_types=("baichuan",), config_values=(("vocab_size", 125696),),
                 **_BAICHUAN_STYLE, **_REMOTE_CODE, own_template="baichuan2"),
+    # Any other causal LM transformers loads natively. The model types listed are those tests/test_generic_models.py
+    # trains, reloads, generates and merges; the others are claimed at detection (native_causal_lm_types).
+    # LoRA: every projection of the attention; IA3 and bottleneck adapters where the LLaMA rows put them.
+    ModelFamily(name="generic", generic=True,
+                config_model_types=("cohere", "deepseek_v3", "falcon", "gemma3_text", "gpt2", "gpt_neox", "granite",
+                                    "mixtral", "olmo2", "phi3", "qwen2_moe", "stablelm", "starcoder2"),
+                lora_targets=("attention",), ia3_targets=("attention_inputs", "feedforward_output"),
+                ia3_feedforward=("feedforward_output",), bottleneck_sequential=("feedforward",),
+                bottleneck_input_side=("feedforward_inputs",), bottleneck_pfeiffer=("feedforward_output",),
+                bottleneck_parallel=("attention_inputs",)),
 )
 
 
@@ -187,7 +209,8 @@ def read_model_config(model_path: str) -> dict[str, Any]:
 def detect_family(model_config: dict[str, Any], model_path: str) -> ModelFamily:
     """The family of a checkpoint from its ``config.json``: ``model_type`` (else ``architectures``), then the
     rows' ``config_keys`` and name hints; the most specific matching row wins. Our native copy of a remote-code
-    checkpoint names the family it came from."""
+    checkpoint names the family it came from. A ``model_type`` no row claims that transformers loads natively
+    gets the generic row."""
     converted = converted_from(model_config)
     if converted and converted.get("family") in FAMILIES:
         return FAMILIES[converted["family"]]
@@ -197,6 +220,8 @@ def detect_family(model_config: dict[str, Any], model_path: str) -> ModelFamily:
     by_type = [f for f in FAMILIES.values() if model_type in f.config_model_types]
     if not by_type:
         by_type = [f for f in FAMILIES.values() if architectures & set(f.config_architectures)]
+    if not by_type and model_type in native_causal_lm_types():
+        by_type = [f for f in FAMILIES.values() if f.generic]
     candidates = [f for f in by_type if all(key in model_config for key in f.config_keys)
                   and all(model_config.get(key) == value for key, value in f.config_values)
                   and (not f.config_name_hint or f.config_name_hint in name)]
@@ -223,10 +248,43 @@ def resolve_family(model_type: str | None, model_path: str, trust_remote_code: b
 
     With ``trust_remote_code`` given, a family that needs remote code is refused here, before anything loads.
     """
-    family = get_family(model_type) if model_type else detect_family(read_model_config(model_path), model_path)
+    model_config = None if model_type else read_model_config(model_path)
+    family = get_family(model_type) if model_type else detect_family(model_config, model_path)
     if trust_remote_code is not None:
         check_remote_code(family, trust_remote_code, model_path)
+    if family.generic:
+        family = _generic_row_for(family, model_config or read_model_config(model_path))
     return family
+
+
+def native_causal_lm_types() -> frozenset[str]:
+    """``model_type`` values transformers' ``AutoModelForCausalLM`` loads without remote code."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def native_causal_lm_class(model_type: str) -> Any:
+    """The transformers class ``AutoModelForCausalLM`` builds for ``model_type``, or None (remote code)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if name else None
+
+
+def _generic_row_for(family: ModelFamily, model_config: dict[str, Any]) -> ModelFamily:
+    """The generic row for one checkpoint: packed rows only for a model class whose attention goes through
+    transformers' attention interface (which takes the collator's 4D mask and restarting position ids as
+    they are); the others (e.g. Falcon's, StableLM's own attention code) train unpacked."""
+    model_type = str(model_config.get("model_type", ""))
+    model_class = native_causal_lm_class(model_type)
+    packs = bool(getattr(model_class, "_supports_attention_backend", False))
+    class_name = model_class.__name__ if model_class else "no native class"
+    logger.info("model_type %r has no family row of its own: using the generic row (%s; adapter targets found in "
+                "the model's attention and feed-forward modules; %s)", model_type, class_name,
+                "packs samples" if packs else "no packing: its attention code takes no 4D mask")
+    return dataclasses.replace(family, packs_samples=packs)
 
 
 def resolve_template(name: str | None, family: ModelFamily) -> Template | ChatTemplate:
@@ -316,10 +374,33 @@ def load_model(
             model = loader.from_pretrained(model_path, **kwargs)
     except OSError as exc:  # missing weights, offline hub, bad folder
         raise UserError(f"--model_name_or_path: cannot load {model_path}: {str(exc).splitlines()[0]}") from exc
+    check_finite_tensors(model, model_path)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def check_finite_tensors(model: Any, model_path: str) -> None:
+    """Stop on a loaded weight or buffer holding NaN or inf, naming it: training on one only spreads it.
+
+    Checked in slices of 16M values, so the check never doubles the memory of a large embedding.
+    """
+    import itertools
+
+    import torch
+
+    named = itertools.chain((("weight", *item) for item in model.named_parameters()),
+                            (("buffer", *item) for item in model.named_buffers()))
+    for kind, name, tensor in named:
+        if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 24))
+        if bad:
+            raise UserError(f"--model_name_or_path: {model_path}: {kind} {name} holds {bad} non-finite value(s) "
+                            "(NaN or inf) after loading; the checkpoint is corrupt or overflowed when it was saved: "
+                            "re-download or re-convert it")
 
 
 def _contiguous_input(module: Any, args: tuple) -> tuple | None:

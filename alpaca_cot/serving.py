@@ -14,7 +14,14 @@ from typing import Any
 
 from .chat import context_window, fit_history, stream_generate
 from .errors import UserError
-from .inference import LoadedModel, build_generation_config, generate_token_ids, prompt_ids
+from .inference import (
+    LoadedModel,
+    answer_text,
+    build_generation_config,
+    generate_token_ids,
+    prompt_ids,
+    stop_token_ids,
+)
 from .templates import Message
 
 
@@ -68,8 +75,9 @@ class Engine:
         ids = self.prompt(messages, trim)
         with self.lock:
             [produced] = generate_token_ids(self.loaded, [ids], config, batch_size=1)
-        text = self.loaded.tokenizer.decode(produced, skip_special_tokens=True).strip()
-        stopped = bool(produced) and produced[-1] == self.loaded.tokenizer.eos_token_id
+        stops = stop_token_ids(config)
+        text = answer_text(self.loaded, produced, stops)
+        stopped = bool(produced) and produced[-1] in stops
         reason = "stop" if stopped or len(produced) < config.max_new_tokens else "length"
         return Completion(text, len(ids), len(produced), reason)
 

@@ -44,7 +44,8 @@ def copy_real_files(family: str, folder: Path) -> Path:
 
 
 def build_real_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
-    """Copy the real files of ``family`` into ``folder`` and save random weights from its own model class."""
+    """Copy the real files of ``family`` into ``folder`` and save random weights from its own model class
+    (normal, std 0.02; norm weights 1, norm biases 0)."""
     import torch
 
     from alpaca_cot.models import FAMILIES
@@ -57,8 +58,13 @@ def build_real_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = cls(config)
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.02)  # some of these classes' own init leaves weights empty
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1 and ("norm" in name or ".ln_" in name):
+                # norms as a trained model has them: at std 0.02 each layer shrinks its input fifty-fold and the
+                # tiny model's gradients vanish below what fp32 resolves at a loss of ~11
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                parameter.normal_(0.0, 0.02)  # some of these classes' own init leaves weights empty
     model.save_pretrained(folder)
     (folder / "config.json").write_text(shipped_config, encoding="utf-8")  # the config as the checkpoint ships it
     for code in folder.glob("*.py"):  # save_pretrained may rewrite code files: keep upstream's bytes

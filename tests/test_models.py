@@ -76,7 +76,8 @@ CHATGLM2 = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "multi_q
     (CHATGLM2, "THUDM/chatglm3-6b", "chatglm3"),  # same config as ChatGLM2: told by its name
     ({**CHATGLM2, "_name_or_path": "THUDM/chatglm3-6b-32k"}, "./local", "chatglm3"),
     ({"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"]}, "x", "baichuan"),
-    ({"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "z_loss_weight": 0}, "x", "baichuan2"),
+    ({"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "vocab_size": 125696}, "x", "baichuan2"),
+    ({"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "vocab_size": 64000}, "x", "baichuan"),
     ({"architectures": ["BaiChuanForCausalLM"]}, "x", "baichuan"),  # no model_type: by architecture
     ({"model_type": "moss"}, "x", "moss"),
     ({"model_type": "internlm"}, "x", "internlm"),
@@ -93,10 +94,12 @@ def test_chatglm_config_without_either_generation_marker_asks_for_model_type():
 
 @pytest.fixture(scope="module")
 def remote_folder(tmp_path_factory):
-    """A ChatGLM2 checkpoint folder with its code but no weights: refusal must come before anything loads."""
-    from tests.remote_checkpoints import copy_remote_code
+    """The real ChatGLM2 checkpoint files without weights: refusal must come before anything loads."""
+    from tests.real_checkpoints import REAL_CODE, copy_real_files
 
-    return copy_remote_code("chatglm2", tmp_path_factory.mktemp("refuse-chatglm2-"))
+    if not REAL_CODE.is_dir():
+        pytest.skip(f"{REAL_CODE} (real upstream code and tokenizers) is not present")
+    return copy_real_files("chatglm2", tmp_path_factory.mktemp("refuse-chatglm2-"))
 
 
 def _no_code_of_the_refused_checkpoint_imported():
@@ -143,31 +146,38 @@ def test_every_inference_script_refuses_remote_code_without_the_flag(remote_fold
 
 
 @pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
-@pytest.mark.parametrize("name", ["chatglm3", "moss", "internlm2", "baichuan2"])
+@pytest.mark.parametrize("name", ["chatglm", "chatglm2", "chatglm3", "moss", "internlm", "internlm2", "baichuan",
+                                  "baichuan2"])
 def test_quantization_applies_to_remote_code_models(name, bits, layer, tmp_path):
     import torch
 
+    from alpaca_cot.methods import upstream_names_in_model
     from alpaca_cot.models import linear_module_names
-    from tests.remote_checkpoints import build_remote_checkpoint
+    from tests.real_checkpoints import REAL_CODE, build_real_checkpoint
 
     pytest.importorskip("bitsandbytes")
-    folder = build_remote_checkpoint(name, tmp_path / f"tiny-{name}")
+    if not REAL_CODE.is_dir():
+        pytest.skip(f"{REAL_CODE} (real upstream code and tokenizers) is not present")
+    folder = build_real_checkpoint(name, tmp_path / f"tiny-{name}")
     model = load_model(str(folder), FAMILIES[name], torch.float32, bits, trust_remote_code=True)
     quantized = {full.rsplit(".", 1)[-1] for full, module in model.named_modules() if type(module).__name__ == layer}
-    assert set(FAMILIES[name].lora_targets) <= quantized <= set(linear_module_names(model))
+    targets = upstream_names_in_model(FAMILIES[name], model, list(FAMILIES[name].lora_targets))
+    assert set(targets) <= quantized <= set(linear_module_names(model))
 
 
-@pytest.mark.parametrize("name, pad", [("moss", "<|endoftext|>"), ("internlm", "</s>"), ("baichuan2", "<unk>")])
+@pytest.mark.parametrize("name, pad", [("moss", "<eom>"), ("internlm", "</s>"), ("baichuan2", "<unk>")])
 def test_missing_pad_token_is_filled_per_family_and_pads_are_never_learned(name, pad, tmp_path):
     from transformers import DataCollatorForSeq2Seq
 
     from alpaca_cot.data import IGNORE_INDEX, special_prefix_ids, tokenize_record
     from alpaca_cot.models import load_tokenizer, resolve_template
-    from tests.remote_checkpoints import copy_remote_code
+    from tests.real_checkpoints import REAL_CODE, copy_real_files
 
+    if not REAL_CODE.is_dir():
+        pytest.skip(f"{REAL_CODE} (real upstream code and tokenizers) is not present")
     family = FAMILIES[name]
-    tokenizer = load_tokenizer(str(copy_remote_code(name, tmp_path / name)), family, trust_remote_code=True)
-    assert tokenizer.pad_token == pad  # MOSS and InternLM ship none: EOS; Baichuan2 ships <unk>
+    tokenizer = load_tokenizer(str(copy_real_files(name, tmp_path / name)), family, trust_remote_code=True)
+    assert tokenizer.pad_token == pad  # MOSS (EOS <eom>) and InternLM ship none: EOS; Baichuan2 ships <unk>
     tokenizer.padding_side = "right"  # as training sets it
     template = resolve_template(None, family)
     short, long = ({"instruction": "hi", "input": "", "output": text} for text in ("a", "a longer answer"))
@@ -188,3 +198,40 @@ def test_output_head_gets_a_contiguous_input_for_the_last_position(tiny_llama):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 9, 13], [1, 7, 8, 2]]), logits_to_keep=1).logits
     assert logits.shape[:2] == (2, 1) and seen == [True]
+
+
+def test_a_non_finite_weight_stops_training_with_one_line_naming_it(tiny_llama, tmp_path, sample_file, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import uniform_finetune
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    code = uniform_finetune.main(["--model_name_or_path", str(broken), "--data", str(sample_file), "--output_dir",
+                                  str(tmp_path / "out"), "--report_to", "none", "--max_steps", "1",
+                                  "--heldout_eval", "0", "--val_set_size", "0"])
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "weight model.layers.1.mlp.down_proj.weight holds 2 non-finite value(s)" in err[0]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert torch.isfinite(load_file(tiny_llama / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]).all()
+
+
+def test_a_non_finite_buffer_is_named(tiny_llama):
+    import torch
+
+    from alpaca_cot.models import check_finite_tensors
+
+    model = load_model(str(tiny_llama), FAMILIES["llama"], torch.float32)
+    check_finite_tensors(model, "ok")  # a sound checkpoint passes
+    model.model.rotary_emb.inv_freq[1] = float("nan")
+    with pytest.raises(UserError, match=r"buffer model.rotary_emb.inv_freq holds 1 non-finite"):
+        check_finite_tensors(model, str(tiny_llama))

@@ -131,15 +131,19 @@ TWO_EXCHANGES = [Message("user", "hi"), Message("assistant", "hello"), Message("
                  Message("assistant", "ciao")]
 
 # Hand-written from each family's chat code: the whole text and the learned answers (with their end marker).
+# ChatGLM 1/2 and InternLM 1/2 write the conversation as one string: it is one tokenizer call, earlier answers
+# learned where they lie in it (not ChatGLM-6B's: they sit in its bidirectional prefix). ChatGLM3 learns the
+# answer's metadata line and the next <|user|>; Baichuan2 learns EOS where the next user token follows an answer
+# (its fine-tune.py). The real tokenizers against the official code: tests/test_remote_tokenizers.py.
 FAMILY_CONVERSATIONS = {
-    "chatglm": ("[Round 0]\n问：hi\n答：[gMASK]<sop>hello<eop>\n[Round 1]\n问：bye\n答：[gMASK]<sop>ciao<eop>",
-                ["hello<eop>", "ciao<eop>"]),
-    "chatglm2": ("[gMASK]sop[Round 1]\n\n问：hi\n\n答：hello</s>\n\n[Round 2]\n\n问：bye\n\n答：ciao</s>",
-                 ["hello</s>", "ciao</s>"]),
-    "chatglm3": ("[gMASK]sop<|user|>\nhi<|assistant|>\nhello</s><|user|>\nbye<|assistant|>\nciao</s>",
-                 ["hello</s>", "ciao</s>"]),
-    "moss": (MOSS_META_INSTRUCTION + "<|Human|>: hi<eoh>\n<|MOSS|>:hello<eom>\n<|Human|>: bye<eoh>\n<|MOSS|>:ciao<eom>",
-             ["hello<eom>", "ciao<eom>"]),
+    "chatglm": ("[Round 0]\n问：hi\n答：hello\n[Round 1]\n问：bye\n答：[gMASK]<sop>ciao<eop>", ["ciao<eop>"]),
+    "chatglm2": ("[gMASK]sop[Round 1]\n\n问：hi\n\n答：hello\n\n[Round 2]\n\n问：bye\n\n答：ciao</s>",
+                 ["hello", "ciao</s>"]),
+    "chatglm3": ("[gMASK]sop<|user|>\nhi<|assistant|>\nhello<|user|>\nbye<|assistant|>\nciao</s>",
+                 ["\nhello<|user|>", "\nciao</s>"]),
+    "moss": (MOSS_META_INSTRUCTION
+             + "<|Human|>: hi<eoh>\n<|MOSS|>: hello<eom>\n<|Human|>: bye<eoh>\n<|MOSS|>: ciao<eom>",
+             [" hello<eom>", " ciao<eom>"]),
     "internlm": ("<s><|User|>:hi<eoh>\n<|Bot|>:hello<eoa>\n<|User|>:bye<eoh>\n<|Bot|>:ciao<eoa>",
                  ["hello<eoa>", "ciao<eoa>"]),
     "internlm2": ("<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
@@ -147,9 +151,10 @@ FAMILY_CONVERSATIONS = {
                   ["hello<|im_end|>", "ciao<|im_end|>"]),
     "baichuan": ("<s><reserved_102>hi<reserved_103>hello</s><reserved_102>bye<reserved_103>ciao</s>",
                  ["hello</s>", "ciao</s>"]),
-    "baichuan2": ("<reserved_106>hi<reserved_107>hello</s><reserved_106>bye<reserved_107>ciao</s>",
+    "baichuan2": ("<reserved_106>hi<reserved_107>hello<reserved_106>bye<reserved_107>ciao</s>",
                   ["hello</s>", "ciao</s>"]),
 }
+LEARNED_AS_OTHER_TOKEN = {"baichuan2"}  # labels that are not the input token (EOS at the next user token)
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +171,13 @@ def _encode(name, tokenizer, messages, template_name=None):
     return encode_conversation(tokenizer, template, messages, "", special_prefix_ids(tokenizer))
 
 
-def _learned_runs(tokenizer, ids, labels):
+def _learned_runs(tokenizer, ids, labels, same_tokens=True):
+    """The learned labels, run by run, as text."""
     runs, current = [], []
     for token, label in zip(ids, labels):
-        assert label in (IGNORE_INDEX, token)
+        assert label in (IGNORE_INDEX, token) or not same_tokens
         if label != IGNORE_INDEX:
-            current.append(token)
+            current.append(label)
         elif current:
             runs, current = runs + [current], []
     return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
@@ -188,7 +194,7 @@ def test_family_template_text_and_masking_token_by_token(name, family_tokenizers
     ids, labels = _encode(name, tokenizer, TWO_EXCHANGES)
     assert tokenizer.decode(ids) == expected_text
     assert ids == tokenizer(expected_text, add_special_tokens=False)["input_ids"]  # special tokens are single ids
-    assert _learned_runs(tokenizer, ids, labels) == expected_answers
+    assert _learned_runs(tokenizer, ids, labels, name not in LEARNED_AS_OTHER_TOKEN) == expected_answers
     # The generation prompt is exactly the training text up to the last answer.
     prompt, _ = _encode(name, tokenizer, TWO_EXCHANGES[:3])
     assert prompt == ids[:len(prompt)]

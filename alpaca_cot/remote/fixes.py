@@ -6,7 +6,10 @@ A family module (``alpaca_cot.remote.<name>``) exports:
   and ``cure`` take no argument: they look at and mend the environment those files import from);
 - ``MODEL_FIXES``: :class:`Fix` es of the model class (its ``config_class`` is reachable from it);
 - ``native_conversion(config) -> NativeConversion | None``: the equivalent native architecture of a checkpoint
-  with this ``config.json``, or ``None`` when there is none (the fixed remote classes are used then).
+  with this ``config.json``, or ``None`` when there is none (the fixed remote classes are used then);
+- ``UPSTREAM_MODULE_NAMES`` (optional): upstream module name -> its names in the converted model, for the fused
+  or renamed layers (e.g. ``query_key_value`` -> ``q_proj, k_proj, v_proj``), so adapter targets written for the
+  upstream checkpoint (the family row's, or ``--lora_target_modules``) work on the converted copy.
 
 Tokenizer fixes live in ``alpaca_cot.remote.tokenizers``, by family module name.
 """

@@ -47,7 +47,10 @@ def remote_model_class(model_path: str, family: Any) -> type:
     support = family_support(family)
     auto_map = read_model_config(model_path).get("auto_map") or {}
     reference = _auto_map_entry(auto_map, ("AutoModelForCausalLM", "AutoModel"), "model", model_path)
-    return _remote_class(model_path, reference, support.IMPORT_FIXES, support.MODEL_FIXES, f"{family.name} model")
+    cls = _remote_class(model_path, reference, support.IMPORT_FIXES, support.MODEL_FIXES, f"{family.name} model")
+    # as the Auto classes do: save_pretrained then copies the code files and writes auto_map
+    cls.register_for_auto_class(next(key for key in ("AutoModelForCausalLM", "AutoModel") if auto_map.get(key)))
+    return cls
 
 
 def load_remote_tokenizer(model_path: str, family: Any) -> Any:
@@ -67,6 +70,7 @@ def load_remote_tokenizer(model_path: str, family: Any) -> Any:
     key = family.remote_support
     cls = _remote_class(model_path, reference, TOKENIZER_IMPORT_FIXES.get(key, ()), TOKENIZER_FIXES.get(key, ()),
                         f"{family.name} tokenizer")
+    cls.register_for_auto_class("AutoTokenizer")  # as AutoTokenizer does: save_pretrained then copies the code file
     return cls.from_pretrained(model_path, trust_remote_code=True)
 
 
@@ -87,3 +91,15 @@ def load_remote_model(model_path: str, family: Any, kwargs: dict[str, Any]) -> A
         return AutoModelForCausalLM.from_pretrained(native, **{**kwargs, "trust_remote_code": False})
     cls = remote_model_class(model_path, family)
     return cls.from_pretrained(model_path, **{**kwargs, "trust_remote_code": True})
+
+
+def native_module_names(family: Any, model: Any, names: list[str]) -> list[str]:
+    """``names`` of ``family``'s upstream modules as ``model`` calls them: our converted copy renames and splits
+    fused layers (ChatGLM2's ``query_key_value`` is ``q_proj k_proj v_proj`` there); other models keep them."""
+    from .convert import CONVERTED_FROM
+
+    config = getattr(model, "config", None)
+    if not getattr(family, "remote_support", "") or not getattr(config, CONVERTED_FROM, None):
+        return list(names)
+    renamed = getattr(family_support(family), "UPSTREAM_MODULE_NAMES", {})
+    return list(dict.fromkeys(native for name in names for native in renamed.get(name, (name,))))
