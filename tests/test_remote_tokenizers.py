@@ -422,3 +422,16 @@ def test_templates_pickle_and_repr_stably_for_tokenizing_workers_and_data_caches
     template = get_template("baichuan2")  # holds the EOS marker as a field
     assert pickle.loads(pickle.dumps(template)) == template and pickle.loads(pickle.dumps(EOS)) is EOS
     assert "object at 0x" not in repr(template)  # the data cache key is repr(template)
+
+
+def test_chatglm6b_answers_follow_gmask_sop_in_the_alpaca_template_too(tokenizers):
+    """ChatGLM-6B finds where the answer starts by [gMASK]<sop>: its row puts them before every answer."""
+    tokenizer = tokenizers["chatglm"]
+    template = resolve_template("alpaca", FAMILIES["chatglm"])
+    ids, labels = encode_conversation(tokenizer, template, [Message("user", "hi"), Message("assistant", "ok")], "",
+                                      special_prefix_ids(tokenizer))
+    gmask, sop = tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+    answer = ids.index(sop) + 1
+    assert ids[answer - 2:answer] == [gmask, sop] and ids.count(gmask) == 1
+    assert all(label == IGNORE_INDEX for label in labels[:answer])
+    assert labels[answer:] == ids[answer:] and ids[-1] == tokenizer.convert_tokens_to_ids("<eop>")
