@@ -103,9 +103,23 @@ def load_for_inference(
 
         import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters with PEFT
 
-        model = PeftModel.from_pretrained(model, lora_dir)
+        try:
+            model = PeftModel.from_pretrained(model, lora_dir)
+        except (ValueError, KeyError, RuntimeError) as exc:  # PEFT's "not found", shape mismatches
+            raise UserError(_adapter_mismatch(lora_dir, base, model, exc)) from exc
     model.eval()
     return LoadedModel(model, tokenizer, family, prompt_format, base)
+
+
+def _adapter_mismatch(lora_dir: str, base: str, model: Any, error: Exception) -> str:
+    """The one line for an adapter that does not fit the loaded base."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    hint = "was it trained on another base model? pass that one with --model_name_or_path"
+    if getattr(model.config, "alpaca_cot_converted_from", None):
+        hint = ("this base loads as our native copy of a remote-code checkpoint, whose fused layers "
+                "(query_key_value, W_pack, wqkv) are split: an adapter trained on the checkpoint's own code does not "
+                "fit it; train the adapter again")
+    return f"--lora_dir: the adapter in {lora_dir} does not fit the base model {base} ({first}); {hint}"
 
 
 def load_from_args(args: Any) -> LoadedModel:

@@ -49,7 +49,7 @@ def _method_defaults(family: ModelFamily, field: str, model: Any, flag: str, lin
     """The family's default targets for a method, or a UserError saying the model has none there."""
     targets = default_targets(family, field, model, linear_only)
     if not targets:
-        why = "experts fused into one tensor are not layers"
+        why = "a model without attention modules, or experts fused into one tensor, has none there"
         if linear_only:
             why += "; bottleneck adapters wrap nn.Linear layers only, not transformers' Conv1D"
         raise UserError(f"{flag}: this model has no layer to adapt in its {' / '.join(getattr(family, field))} "

@@ -258,10 +258,17 @@ def resolve_family(model_type: str | None, model_path: str, trust_remote_code: b
 
 
 def native_causal_lm_types() -> frozenset[str]:
-    """``model_type`` values transformers' ``AutoModelForCausalLM`` loads without remote code."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """``model_type`` values transformers' ``AutoModelForCausalLM`` loads without remote code as a decoder.
 
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    Encoders with a causal-LM head (BERT, RoBERTa, ...) are left out: loaded that way without ``is_decoder`` they
+    attend both ways and would learn to copy the tokens they predict.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def native_causal_lm_class(model_type: str) -> Any:
@@ -382,10 +389,8 @@ def load_model(
 
 
 def check_finite_tensors(model: Any, model_path: str) -> None:
-    """Stop on a loaded weight or buffer holding NaN or inf, naming it: training on one only spreads it.
-
-    Checked in slices of 16M values, so the check never doubles the memory of a large embedding.
-    """
+    """Stop on a loaded weight holding NaN or inf, or a buffer holding NaN, naming it: training on one only
+    spreads it. Checked in slices of 16M values, so the check's own mask stays small beside a large embedding."""
     import itertools
 
     import torch
@@ -396,7 +401,9 @@ def check_finite_tensors(model: Any, model_path: str) -> None:
         if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
             continue
         flat = tensor.detach().reshape(-1)
-        bad = sum(int((~torch.isfinite(part)).sum()) for part in flat.split(1 << 24))
+        # a buffer may be a mask holding -inf on purpose; NaN is never meant
+        bad_values = (lambda part: ~torch.isfinite(part)) if kind == "weight" else torch.isnan
+        bad = sum(int(bad_values(part).sum()) for part in flat.split(1 << 24))
         if bad:
             raise UserError(f"--model_name_or_path: {model_path}: {kind} {name} holds {bad} non-finite value(s) "
                             "(NaN or inf) after loading; the checkpoint is corrupt or overflowed when it was saved: "

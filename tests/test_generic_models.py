@@ -191,7 +191,7 @@ def test_targets_are_found_in_the_model_and_all_is_every_layer_but_the_head(name
 def _not_adaptable(name, peft_type):
     """What a method's defaults cannot reach: feed-forward experts fused into Parameters; Conv1D in bottlenecks."""
     if name == "mixtral" and peft_type in ("houlsby", "pfeiffer"):
-        return "no layer to adapt in its feedforward.*experts fused into one tensor are not layers"
+        return "no layer to adapt in its feedforward.*experts fused into one tensor, has none there"
     if name == "gpt2" and peft_type in ("houlsby", "pfeiffer", "parallel"):
         return "no layer to adapt in its .*not transformers' Conv1D"
     return None
@@ -360,3 +360,11 @@ def test_packing_the_chat_template_and_all_on_generic_models(reloaded_runs):
     assert "packing off: generic models take no block-diagonal attention mask" in logs["falcon"]
     assert "fused expert weights, which take no dropout: --lora_dropout 0" in logs["mixtral-all"]
     assert "generic row: lora_targets" not in logs["mixtral-all"]  # 'all' is every layer: nothing to find
+
+
+def test_encoders_with_a_causal_lm_head_are_not_taken_for_decoders():
+    """BERT loads as BertLMHeadModel, attending both ways unless told it is a decoder: no generic row for it."""
+    from alpaca_cot.models import detect_family
+
+    with pytest.raises(UserError, match=r"cannot tell the model family .* model_type 'bert'.*pass --model_type"):
+        detect_family({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "bert-base-uncased")

@@ -235,3 +235,15 @@ def test_a_non_finite_buffer_is_named(tiny_llama):
     model.model.rotary_emb.inv_freq[1] = float("nan")
     with pytest.raises(UserError, match=r"buffer model.rotary_emb.inv_freq holds 1 non-finite"):
         check_finite_tensors(model, str(tiny_llama))
+
+
+def test_an_adapter_of_another_base_is_one_line(tiny_run, tiny_llama_wide, capsys):
+    import generate
+
+    code = generate.main(["--lora_dir", str(tiny_run), "--model_name_or_path", str(tiny_llama_wide),
+                          "--instruction", "hi", "--max_new_tokens", "2"])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"the adapter in {tiny_run} does not fit the base model {tiny_llama_wide}" in errors[0]
+    assert "trained on another base model" in errors[0]

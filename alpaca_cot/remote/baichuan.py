@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .fixes import Fix, NativeConversion
+from .fixes import GENERATION_MIXIN_FIX, Fix, NativeConversion
 
 # Baichuan2's vocabulary (Baichuan-1: 64,000), which vLLM uses to tell the generations apart.
 BAICHUAN2_VOCAB_SIZE = 125696
@@ -98,19 +98,6 @@ IMPORT_FIXES: tuple[Fix, ...] = (
 def _sibling(cls: type, name: str) -> Any:
     """A class of the checkpoint's modelling module (the one ``cls`` comes from), or None."""
     return getattr(sys.modules.get(cls.__module__), name, None)
-
-
-def _lacks_generation_mixin(cls: type) -> bool:
-    from transformers import GenerationMixin
-
-    return not issubclass(cls, GenerationMixin)
-
-
-def _add_generation_mixin(cls: type) -> None:
-    """What transformers' auto classes do for remote code, but on the class itself, so every loader gets it."""
-    from transformers import GenerationMixin
-
-    cls.__bases__ = (*cls.__bases__, GenerationMixin)
 
 
 def _rotary_tables_are_attributes(cls: type) -> bool:
@@ -229,11 +216,12 @@ def _bridge_generate_cache(cls: type) -> None:
 
     cls.forward = forward
     cls.prepare_inputs_for_generation = GenerationMixin.prepare_inputs_for_generation
+    if "_reorder_cache" in vars(cls):  # upstream reorders tuples; beam search then reorders the Cache itself
+        del cls._reorder_cache
 
 
 MODEL_FIXES: tuple[Fix, ...] = (
-    Fix(defect="BaichuanForCausalLM does not inherit GenerationMixin: no generate() since transformers 4.50",
-        present=_lacks_generation_mixin, cure=_add_generation_mixin),
+    GENERATION_MIXIN_FIX,
     Fix(defect="RotaryEmbedding computes its tables as plain attributes in __init__: built on the meta device by "
                "transformers 5, forward fails with 'Cannot copy out of meta tensor'",
         present=_rotary_tables_are_attributes, cure=_rebuild_meta_rotary_tables),

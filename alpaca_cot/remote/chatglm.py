@@ -16,7 +16,7 @@ import inspect
 import sys
 from typing import Any
 
-from .fixes import Fix, NativeConversion
+from .fixes import GENERATION_MIXIN_FIX, LAYER_COUNT_ALIAS_FIX, Fix, NativeConversion
 
 IMPORT_FIXES: tuple[Fix, ...] = ()
 
@@ -118,26 +118,6 @@ def _then(init: Any, after: Any) -> Any:
         after(self)
 
     return __init__
-
-
-def _lacks_layer_count(cls: type) -> bool:
-    return not hasattr(_probe_config(cls), "num_hidden_layers")
-
-
-def _alias_layer_count(cls: type) -> None:
-    cls.config_class.attribute_map = {**cls.config_class.attribute_map, "num_hidden_layers": "num_layers"}
-
-
-def _lacks_generation_mixin(cls: type) -> bool:
-    from transformers import GenerationMixin
-
-    return not issubclass(cls, GenerationMixin)
-
-
-def _add_generation_mixin(cls: type) -> None:
-    from transformers import GenerationMixin
-
-    cls.__bases__ = (*cls.__bases__, GenerationMixin)
 
 
 def _builds_half_weights(cls: type) -> bool:
@@ -466,10 +446,8 @@ def _prepare_inputs_for_generation(self: Any, input_ids: Any, next_sequence_leng
 
 
 MODEL_FIXES: tuple[Fix, ...] = (
-    Fix("ChatGLMConfig names the layer count num_layers; transformers 5 (the generation cache) reads "
-        "num_hidden_layers", _lacks_layer_count, _alias_layer_count),
-    Fix("ChatGLMForConditionalGeneration does not inherit GenerationMixin: under transformers 5 it has no generate()",
-        _lacks_generation_mixin, _add_generation_mixin),
+    LAYER_COUNT_ALIAS_FIX,
+    GENERATION_MIXIN_FIX,
     Fix("ChatGLM-6B builds its embeddings, linear layers and output head in float16 whatever dtype is asked "
         "(float32 on CPU then fails in LayerNorm)", _builds_half_weights, _build_in_default_dtype),
     Fix("ChatGLM-6B's model classes never call post_init(): from_pretrained fails with no attribute "

@@ -65,13 +65,22 @@ def _cache_key(folder: Path, family: Any, conversion: NativeConversion) -> str:
 
 
 def _read_shard(file: Path) -> dict[str, Any]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(file)
+    """One weight file's tensors; a truncated or foreign file stops with one line naming it."""
     import torch
 
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(file)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zip) .bin cannot be memory-mapped
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and zip errors all mean an unreadable file
+        raise UserError(f"--model_name_or_path: cannot read the weights in {file} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); the download may be incomplete: "
+                        "download it again") from exc
 
 
 def _convert_weights(source: Path, staging: Path, conversion: NativeConversion, config: dict[str, Any]) -> None:

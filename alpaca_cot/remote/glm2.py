@@ -16,7 +16,8 @@ import logging
 import re
 from typing import Any
 
-from .fixes import Fix, NativeConversion
+from ..errors import UserError
+from .fixes import GENERATION_MIXIN_FIX, LAYER_COUNT_ALIAS_FIX, Fix, NativeConversion
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ def _config_use_cache(cls: type) -> None:
     cls.config_class.use_cache = True  # transformers 4's PretrainedConfig default
 
 
-def _lacks_num_hidden_layers(cls: type) -> bool:
-    return "num_hidden_layers" not in cls.config_class.attribute_map and not hasattr(cls.config_class,
-                                                                                     "num_hidden_layers")
-
-
-def _alias_num_hidden_layers(cls: type) -> None:
-    cls.config_class.attribute_map = {**cls.config_class.attribute_map, "num_hidden_layers": "num_layers"}
-
-
 def _never_calls_post_init(cls: type) -> bool:
     return "post_init" not in cls.__init__.__code__.co_names
 
@@ -66,19 +58,6 @@ def _call_post_init(cls: type) -> None:
         self.post_init()
 
     cls.__init__ = init_then_post_init
-
-
-def _lacks_generation_mixin(cls: type) -> bool:
-    from transformers import GenerationMixin
-
-    return not issubclass(cls, GenerationMixin)
-
-
-def _add_generation_mixin(cls: type) -> None:
-    from transformers import GenerationMixin
-
-    # In place, as transformers' auto classes do for remote code (they subclass; we must keep the class object).
-    cls.__bases__ = (*cls.__bases__, GenerationMixin)
 
 
 def _generation_uses_removed_api(cls: type) -> bool:
@@ -122,12 +101,10 @@ MODEL_FIXES: tuple[Fix, ...] = (
                "no longer have", present=_lacks_class_attribute("max_length"), cure=_config_max_length),
     Fix(defect="forward falls back to config.use_cache, which transformers 5 pops from config.json as a generation "
                "parameter", present=_lacks_class_attribute("use_cache"), cure=_config_use_cache),
-    Fix(defect="ChatGLMConfig names its layer count num_layers; transformers 5 caches and PEFT read "
-               "num_hidden_layers", present=_lacks_num_hidden_layers, cure=_alias_num_hidden_layers),
+    LAYER_COUNT_ALIAS_FIX,
     Fix(defect="the model never calls post_init() (transformers 5: no attribute 'all_tied_weights_keys')",
         present=_never_calls_post_init, cure=_call_post_init),
-    Fix(defect="the model does not inherit GenerationMixin: no generate() in transformers 5",
-        present=_lacks_generation_mixin, cure=_add_generation_mixin),
+    GENERATION_MIXIN_FIX,
     Fix(defect="generation calls _extract_past_from_model_output (removed from transformers) and reads its KV cache "
                "as past_key_values, while transformers 5 generate passes it as cache: every token recomputes the "
                "whole sequence", present=_generation_uses_removed_api, cure=_generate_with_legacy_cache),
@@ -252,13 +229,15 @@ def _native_tensors(name: str, tensor: Any, config: dict[str, Any]) -> dict[str,
         return {_MODEL_RENAMES[short]: tensor}
     layer = _LAYER.fullmatch(short)
     if layer is None:
-        raise ValueError(f"ChatGLM2/3 conversion: unexpected tensor {name!r} in the checkpoint")
+        raise UserError(f"ChatGLM2/3 conversion: unexpected tensor {name!r} in the checkpoint; is it a "
+                        "ChatGLM2/3 checkpoint? (pass --model_type if it was detected wrongly)")
     prefix, part = f"model.layers.{layer[1]}.", layer[2]
     if part in _LAYER_RENAMES:
         return {prefix + _LAYER_RENAMES[part]: tensor}
     fused = re.fullmatch(r"self_attention\.query_key_value\.(weight|bias)", part)
     if fused is None:
-        raise ValueError(f"ChatGLM2/3 conversion: unexpected tensor {name!r} in the checkpoint")
+        raise UserError(f"ChatGLM2/3 conversion: unexpected tensor {name!r} in the checkpoint; is it a "
+                        "ChatGLM2/3 checkpoint? (pass --model_type if it was detected wrongly)")
     q, k, v = _split_qkv(tensor, config)
     return {f"{prefix}self_attn.{proj}_proj.{fused[1]}": value for proj, value in zip("qkv", (q, k, v))}
 

@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from .fixes import Fix, NativeConversion
+from .fixes import GENERATION_MIXIN_FIX, Fix, NativeConversion
 
 # InternLMConfig's defaults (configuration_internlm.py), used when a config.json leaves a key out
 _INTERNLM_DEFAULTS: dict[str, Any] = {
@@ -91,8 +91,10 @@ def _rebuild_rotary_buffers(module: Any) -> None:
 
 
 def _init_weights_owner(model_class: type) -> type:
+    """The checkpoint's own class that defines ``_init_weights``; never a transformers class (patching one would
+    reach every model in the process): without one of its own, the model class gets the override."""
     for klass in model_class.__mro__:
-        if "_init_weights" in vars(klass):
+        if "_init_weights" in vars(klass) and klass.__module__ == model_class.__module__:
             return klass
     return model_class
 
@@ -123,27 +125,6 @@ ROTARY_BUFFERS_FIX = Fix(
            "computed in __init__, which transformers 5 runs on the meta device)",
     present=rotary_buffers_left_empty,
     cure=cure_rotary_buffers,
-)
-
-
-def _generation_mixin_missing(model_class: type) -> bool:
-    """transformers 5's PreTrainedModel no longer brings ``generate``: a class must inherit GenerationMixin."""
-    from transformers import GenerationMixin
-
-    return hasattr(model_class, "prepare_inputs_for_generation") and not issubclass(model_class, GenerationMixin)
-
-
-def _cure_generation_mixin(model_class: type) -> None:
-    from transformers import GenerationMixin
-
-    # what transformers' Auto classes do for remote code, done to the class itself (the loaders use it directly)
-    model_class.__bases__ = (*model_class.__bases__, GenerationMixin)
-
-
-GENERATION_MIXIN_FIX = Fix(
-    defect="the causal-LM class does not inherit GenerationMixin: no generate() under transformers 5",
-    present=_generation_mixin_missing,
-    cure=_cure_generation_mixin,
 )
 
 

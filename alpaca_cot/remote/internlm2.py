@@ -13,8 +13,8 @@ import re
 from typing import Any
 
 from ..errors import UserError
-from .fixes import Fix, NativeConversion
-from .internlm import GENERATION_MIXIN_FIX, LEGACY_CACHE_FIX, ROTARY_BUFFERS_FIX, llama_config
+from .fixes import GENERATION_MIXIN_FIX, Fix, NativeConversion
+from .internlm import LEGACY_CACHE_FIX, ROTARY_BUFFERS_FIX, llama_config
 
 # InternLM2Config's defaults (configuration_internlm2.py), used when a config.json leaves a key out
 _INTERNLM2_DEFAULTS: dict[str, Any] = {

@@ -53,19 +53,33 @@ def remote_model_class(model_path: str, family: Any) -> type:
     return cls
 
 
-def load_remote_tokenizer(model_path: str, family: Any) -> Any:
-    """The checkpoint's own tokenizer class, fixed in memory, loaded from ``model_path``."""
+def _tokenizer_config(model_path: str) -> dict[str, Any]:
+    """``tokenizer_config.json`` of a local folder or hub id (``{}`` when the checkpoint has none)."""
     import json
 
-    config_file = Path(model_path) / "tokenizer_config.json"
-    if config_file.is_file():
-        auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map") or {}
-    else:
-        from ..models import read_model_config
+    local = Path(model_path)
+    if local.is_dir():
+        file = local / "tokenizer_config.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-        auto_map = read_model_config(model_path).get("auto_map") or {}
-    reference = _auto_map_entry(auto_map, ("AutoTokenizer",), "tokenizer", model_path)
+    try:
+        return json.loads(Path(hf_hub_download(model_path, "tokenizer_config.json")).read_text(encoding="utf-8"))
+    except EntryNotFoundError:
+        return {}
+    except Exception as exc:  # offline, unknown or gated repo: all user-fixable
+        raise UserError(f"--model_name_or_path: cannot read tokenizer_config.json of {model_path!r} "
+                        f"({type(exc).__name__}); check the id, your network, or use a local folder") from exc
+
+
+def load_remote_tokenizer(model_path: str, family: Any) -> Any:
+    """The checkpoint's own tokenizer class, fixed in memory, loaded from ``model_path``."""
+    from ..models import read_model_config
     from .tokenizers import TOKENIZER_FIXES, TOKENIZER_IMPORT_FIXES
+
+    auto_map = _tokenizer_config(model_path).get("auto_map") or read_model_config(model_path).get("auto_map") or {}
+    reference = _auto_map_entry(auto_map, ("AutoTokenizer",), "tokenizer", model_path)
 
     key = family.remote_support
     cls = _remote_class(model_path, reference, TOKENIZER_IMPORT_FIXES.get(key, ()), TOKENIZER_FIXES.get(key, ()),
