@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,9 @@ def _padded(values: Any, difference: int, side: str, pad_value: Any) -> Any:
     return numpy.pad(values, widths, constant_values=True if square else pad_value)
 
 
+_PADDING = threading.Lock()
+
+
 def _pad_on_either_side(cls: type) -> None:
     from transformers.utils import PaddingStrategy
 
@@ -123,6 +127,12 @@ def _pad_on_either_side(cls: type) -> None:
         """Upstream's _pad adds what its model reads (position ids; ChatGLM-6B: its 2D positions and, without an
         attention mask, its own square one) to the unpadded row; then every per-position input is padded on
         ``padding_side`` (default the tokenizer's), where upstream could only pad on the left."""
+        with _PADDING:  # the side is flipped below: a concurrent request must not read the flipped one
+            return _pad_row(self, encoded_inputs, max_length, padding_strategy, pad_to_multiple_of, padding_side,
+                            return_attention_mask)
+
+    def _pad_row(self: Any, encoded_inputs: Any, max_length: int | None, padding_strategy: Any,
+                 pad_to_multiple_of: int | None, padding_side: str | None, return_attention_mask: bool | None) -> Any:
         side = padding_side or self.padding_side
         length = len(encoded_inputs[self.model_input_names[0]])
         if padding_strategy == PaddingStrategy.LONGEST:
