@@ -70,3 +70,22 @@ def build_real_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     for code in folder.glob("*.py"):  # save_pretrained may rewrite code files: keep upstream's bytes
         shutil.copy(REAL_CODE / family / code.name, code)
     return folder
+
+
+def adamw_losses(model, input_ids, attention_mask, steps: int = 5, lr: float = 1e-2, labels=None, **inputs) -> list:
+    """The losses of ``steps`` AdamW steps of ``model``'s trainable weights on one batch (labels: the ids, pads
+    masked, unless given); the model is left in training mode."""
+    import torch
+
+    if labels is None:
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

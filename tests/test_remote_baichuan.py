@@ -14,7 +14,7 @@ import torch
 from alpaca_cot.models import FAMILIES, load_model
 from alpaca_cot.remote import baichuan, remote_model_class
 from alpaca_cot.remote.fixes import apply_fixes
-from tests.real_checkpoints import REAL_CODE, build_real_checkpoint, needs_real_code
+from tests.real_checkpoints import REAL_CODE, adamw_losses, build_real_checkpoint, needs_real_code
 
 pytestmark = needs_real_code
 
@@ -221,16 +221,7 @@ def _lora_targets(model: torch.nn.Module, name: str) -> list[str]:
 
 
 def _train(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(STEPS):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return adamw_losses(model, ids, mask, steps=STEPS, labels=labels)
 
 
 @pytest.mark.parametrize("name", ["baichuan", "baichuan2"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.real_checkpoints import REAL_CODE, build_real_checkpoint, copy_real_files, needs_real_code
+from tests.real_checkpoints import REAL_CODE, adamw_losses, build_real_checkpoint, copy_real_files, needs_real_code
 
 pytestmark = needs_real_code
 torch = pytest.importorskip("torch")
@@ -257,17 +257,7 @@ def _train_lora(model, targets: list[str]) -> tuple:
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                                                   task_type="CAUSAL_LM"))
-    input_ids, attention_mask = _padded_batch()
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(5):
-        loss = peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adamw_losses(peft_model, *_padded_batch())
     return peft_model.eval(), losses
 
 

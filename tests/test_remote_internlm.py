@@ -17,7 +17,7 @@ from alpaca_cot.errors import UserError
 from alpaca_cot.models import FAMILIES, load_model
 from alpaca_cot.remote import internlm, internlm2, remote_model_class
 from tests import real_checkpoints
-from tests.real_checkpoints import build_real_checkpoint, needs_real_code
+from tests.real_checkpoints import adamw_losses, build_real_checkpoint, needs_real_code
 
 pytestmark = needs_real_code
 needs_einops = pytest.mark.skipif(importlib.util.find_spec("einops") is None,
@@ -264,16 +264,7 @@ def test_lora_trains_merges_and_reloads(
                if ".lora_A" in name}
     assert wrapped == set(targets)
     ids, mask = _padded_batch()
-    labels = ids.masked_fill(mask == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(5):
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adamw_losses(peft_model, ids, mask, use_cache=False)
     # random std-0.02 weights keep every activation small: the loss starts at ln(vocab) and moves little
     assert all(math.isfinite(value) for value in losses), losses
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < losses[0] - 1e-3, losses

@@ -15,7 +15,7 @@ import torch
 from alpaca_cot.errors import UserError
 from alpaca_cot.models import FAMILIES, load_model
 from alpaca_cot.remote import moss, remote_model_class
-from tests.real_checkpoints import REAL_CODE, build_real_checkpoint, copy_real_files, needs_real_code
+from tests.real_checkpoints import REAL_CODE, adamw_losses, build_real_checkpoint, copy_real_files, needs_real_code
 
 pytestmark = needs_real_code
 FAMILY = FAMILIES["moss"]
@@ -222,16 +222,7 @@ def test_lora_on_default_targets_trains_merges_and_reloads_natively(checkpoint, 
     assert adapted == [f"base_model.model.transformer.h.{i}.attn.qkv_proj" for i in range(2)]
 
     input_ids, attention_mask = _batch()
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adamw_losses(model, input_ids, attention_mask)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
 

@@ -76,7 +76,6 @@ ROPE_SCALING_FIX = Fix(
 )
 
 
-
 def _tied_keys_listed(model_class: type) -> bool:
     """transformers 5 reads ``_tied_weights_keys`` as a {tied: source} dict; transformers 4 took a list."""
     return isinstance(vars(model_class).get("_tied_weights_keys"), (list, tuple))

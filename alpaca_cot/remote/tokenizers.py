@@ -191,7 +191,6 @@ _MOSS_IMPORT_FIXES = (
 )
 
 
-
 # --- MOSS: its special_tokens_map.json lists <eoh> <eom> <eot> <eoc> <eor> as dicts under the legacy key
 # additional_special_tokens, which transformers 5 passes on unconverted: five new tokens named by the dicts' text ---
 
@@ -246,7 +245,6 @@ def _added_tokens_as_text(cls: type) -> None:
         return text + (upstream_convert(self, pieces) if pieces else "")
 
     cls.convert_tokens_to_string = convert_tokens_to_string
-
 
 
 # --- ChatGLM3: build_chat_input (its official prompt builder) calls batch_encode_plus, removed in transformers 5 ---
