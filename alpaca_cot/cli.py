@@ -159,6 +159,26 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_repeat_ngram_size", type=int)
 
 
+# Generation flags: (flag, lowest allowed, whether the lowest itself is allowed), checked before any model loads.
+_GENERATION_RANGES = (("max_new_tokens", 1, True), ("temperature", 0, True), ("top_p", 0, False),
+                      ("top_k", 0, True), ("num_beams", 1, True), ("repetition_penalty", 0, False),
+                      ("no_repeat_ngram_size", 0, True))
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Every out-of-range generation flag, all named in one line (the flags of ``add_generation_arguments``)."""
+    problems = []
+    for name, lowest, inclusive in _GENERATION_RANGES:
+        value = getattr(args, name, None)
+        if value is not None and (value < lowest if inclusive else value <= lowest):
+            bound = f">= {lowest}" if inclusive else f"> {lowest}"
+            problems.append(f"--{name} must be {bound} (got {value})")
+    if getattr(args, "top_p", None) is not None and args.top_p > 1:
+        problems.append(f"--top_p must be <= 1 (got {args.top_p})")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     import yaml
 
@@ -263,6 +283,17 @@ def check_finetune_args(args: argparse.Namespace) -> None:
         raise UserError("; ".join(problems))
 
 
+def _wrapped_user_error(exc: BaseException) -> UserError | None:
+    """Our UserError inside a library's own exception (``raise ... from``): datasets wraps what its generator
+    raised in DatasetGenerationError, so a malformed file would otherwise end in three chained tracebacks."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, UserError):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run an entry point: user mistakes print one ``error:`` line and exit 2; bugs keep their traceback."""
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
@@ -276,6 +307,12 @@ def run_cli(main: Callable[[], int]) -> int:
         return main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        mistake = _wrapped_user_error(exc)
+        if mistake is None:
+            raise
+        print(f"error: {mistake}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

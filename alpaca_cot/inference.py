@@ -100,11 +100,15 @@ def load_for_inference(
                        trust_remote_code=trust_remote_code)
     if lora_dir is not None:
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters with PEFT
 
         try:
             model = PeftModel.from_pretrained(model, lora_dir)
+        except SafetensorError as exc:
+            raise UserError(f"--lora_dir: the adapter weights in {lora_dir} are unreadable ({exc}); the file is "
+                            "truncated or corrupt: copy or train it again") from exc
         except (ValueError, KeyError, RuntimeError) as exc:  # PEFT's "not found", shape mismatches
             raise UserError(_adapter_mismatch(lora_dir, base, model, exc)) from exc
     model.eval()
@@ -124,8 +128,11 @@ def _adapter_mismatch(lora_dir: str, base: str, model: Any, error: Exception) ->
 
 def load_from_args(args: Any) -> LoadedModel:
     """``load_for_inference`` from the flags of ``cli.add_model_arguments``."""
+    from .cli import check_generation_args
+
     if args.lora_dir is None and args.model_name_or_path is None:
         raise UserError("give --lora_dir (a trained adapter) or --model_name_or_path (a base model)")
+    check_generation_args(args)  # before the model loads: a typo costs no loading time
     return load_for_inference(args.lora_dir, args.model_name_or_path, args.model_type, args.template,
                               args.trust_remote_code)
 

@@ -1,5 +1,6 @@
 """Flags, --config YAML precedence, the original README's command lines."""
 
+import json
 import shlex
 
 import pytest
@@ -95,3 +96,22 @@ def test_default_output_dir_follows_the_original_layout_without_mixture_amounts_
     assert default_output_dir(args) == "saved_models/llama-7b_alpaca-belle-mine_0.0003/lora"
     args.data = ["data/*.jsonl"]
     assert default_output_dir(args) == "saved_models/llama-7b_data_0.0003/lora"
+
+
+@pytest.mark.parametrize("script", ["generate", "predict", "server", "evaluate"])
+def test_out_of_range_generation_flags_are_one_line_before_loading(script, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(script).main
+    data = tmp_path / "x.json"
+    data.write_text(json.dumps([{"instruction": "1 + 1?", "input": "", "output": "#### 2"}]), encoding="utf-8")
+    required = {"generate": ["--instruction", "hi"],
+                "predict": ["--data", str(data), "--result_dir", str(tmp_path / "out.jsonl")],
+                "server": [],
+                "evaluate": ["--task", "math", "--data", str(data), "--output_dir", str(tmp_path / "eval")]}[script]
+    code = main(["--model_name_or_path", str(tmp_path / "never-loaded"), *required, "--max_new_tokens", "-5",
+                 "--temperature", "-1", "--top_p", "1.5", "--num_beams", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("error: --max_new_tokens must be >= 1 (got -5); --temperature must be >= 0 (got -1.0); "
+                      "--num_beams must be >= 1 (got 0); --top_p must be <= 1 (got 1.5)")

@@ -281,3 +281,23 @@ def test_validate_reports_problems_duplicates_and_token_lengths(tiny_llama, tmp_
     assert tokens["p50"] <= tokens["p90"] <= tokens["p99"] <= tokens["max"]
     good = _write_jsonl(tmp_path / "good.jsonl", SAMPLE_RECORDS)
     assert data_main(["validate", str(good)]) == 0 and "tokens" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("content, named", [
+    ('[{"instruction": "a", "input": "", "output": "b"},\n{"instruction": "c", "inp', ":2: malformed JSON"),
+    ("", ": holds no records"),
+    ("[]", ": holds no records"),
+])
+def test_a_broken_training_file_is_one_line_naming_it(content, named, tiny_llama, tmp_path, capsys):
+    """datasets wraps what its generator raises (DatasetGenerationError) and refuses an empty one: still one line."""
+    import uniform_finetune
+
+    data = tmp_path / "broken.json"
+    data.write_text(content, encoding="utf-8")
+    code = uniform_finetune.main(["--model_name_or_path", str(tiny_llama), "--data", str(data), "--output_dir",
+                                  str(tmp_path / "out"), "--report_to", "none", "--max_steps", "1",
+                                  "--heldout_eval", "0"])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"{data}{named}" in errors[0]

@@ -158,8 +158,14 @@ def _read_file(path: Path, sha256: str, options: DataOptions, seed: int, cache_d
     record_seed = seed if path.suffix.lower() == ".tsv" or flan_task(path.name) else 0
     kwargs = {"path": str(path.resolve()), "sha256": sha256, "data_format": options.data_format, "seed": record_seed,
               "reader": _reader_version()}
-    return Dataset.from_generator(_generate_rows, features=_features(), gen_kwargs=kwargs,
-                                  cache_dir=str(cache_dir / "read"))
+    try:
+        return Dataset.from_generator(_generate_rows, features=_features(), gen_kwargs=kwargs,
+                                      cache_dir=str(cache_dir / "read"))
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):  # what datasets says of a generator that yielded nothing
+            raise
+        raise UserError(f"{path}: holds no records; give a file with at least one instruction record "
+                        "(`python -m alpaca_cot.data validate FILE` checks one)") from exc
 
 
 def _record_digest(values: Any) -> bytes:
