@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
     def run() -> int:
+        from alpaca_cot.errors import UserError
         from alpaca_cot.inference import load_from_args
         from alpaca_cot.serving import Engine
-        from alpaca_cot.webapp import add_api_routes, build_chat_page
+        from alpaca_cot.webapp import add_api_routes, build_chat_page, check_port_free
 
+        check_port_free(args.host, args.port)  # before the model loads
         loaded = load_from_args(args)
         defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                     "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
@@ -49,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         name = os.path.basename(os.path.normpath(args.lora_dir or loaded.base_model))
         page = build_chat_page(engine, f"Alpaca-CoT chat: {name}")
         page.queue(default_concurrency_limit=1)  # one generation at a time; the rest wait in line
-        app, local_url, share_url = page.launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                prevent_thread_lock=True, quiet=True)
+        try:
+            app, local_url, share_url = page.launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                    prevent_thread_lock=True, quiet=True)
+        except OSError as exc:  # taken between the check and the launch; Gradio's message names its env variable
+            raise UserError(f"--port {args.port}: cannot serve on {args.host}:{args.port} ({exc}); pick another "
+                            "--port") from exc
         add_api_routes(app, engine, name)
         print(f"serving {name} on {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
         print(f"OpenAI-compatible API: {local_url.rstrip('/')}/v1/chat/completions", flush=True)

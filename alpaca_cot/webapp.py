@@ -141,3 +141,19 @@ def build_chat_page(engine: Engine, title: str) -> Any:
         regenerate_button.click(regenerate, [chatbot, *settings], [chatbot])
         clear_button.click(lambda: [], None, [chatbot])
     return page
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a ``--port`` out of range or already taken on ``host``, naming the flag (before anything loads)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535 (got {port})")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"--port {port}: {host}:{port} is not free ({exc.strerror}); stop what uses it or pick "
+                            "another --port") from exc

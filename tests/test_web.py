@@ -154,3 +154,20 @@ def test_chat_page_in_headless_chromium(server):
     status, body = _post(server + "/", {"prompt": "Name a colour."})
     assert status == 200
     assert shown.split()[0] in body["response"]  # the page shows the model's own (greedy) answer
+
+
+def test_a_taken_port_is_one_line_naming_the_flag_before_loading(tmp_path, capsys):
+    import socket
+
+    import web
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as owner:
+        owner.bind(("127.0.0.1", 0))
+        owner.listen()
+        port = owner.getsockname()[1]
+        code = web.main(["--model_name_or_path", str(tmp_path / "never-loaded"), "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --port {port}: 127.0.0.1:{port} is not free") and "pick another --port" in err[0]
+    assert web.main(["--model_name_or_path", str(tmp_path / "x"), "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --port must be between 1 and 65535 (got 70000)"
