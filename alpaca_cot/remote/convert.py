@@ -11,11 +11,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..embedded import cache_dir
 from ..errors import UserError
 from .fixes import NativeConversion
+
+if TYPE_CHECKING:  # the registry imports this package: no import at run time
+    from ..models import ModelFamily
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def _weight_files(folder: Path) -> list[Path]:
                     "a sharded index); point it at the full checkpoint")
 
 
-def _cache_key(folder: Path, family: Any, conversion: NativeConversion) -> str:
+def _cache_key(folder: Path, family: ModelFamily, conversion: NativeConversion) -> str:
     digest = hashlib.sha256(f"{family.name}:{conversion.architecture}:v{conversion.version}".encode())
     digest.update((folder / "config.json").read_bytes())
     for file in _weight_files(folder):
@@ -109,7 +112,7 @@ def _copy_tokenizer_files(source: Path, staging: Path) -> None:
             shutil.copy2(file, staging / file.name)
 
 
-def converted_checkpoint(model_path: str, family: Any, conversion: NativeConversion) -> Path:
+def converted_checkpoint(model_path: str, family: ModelFamily, conversion: NativeConversion) -> Path:
     """The cached native copy of ``model_path`` (converting it on first use); returns its folder."""
     source = _local_folder(model_path)
     target = cache_dir() / "converted" / f"{family.name}-{_cache_key(source, family, conversion)}"

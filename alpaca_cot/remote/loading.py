@@ -7,15 +7,18 @@ import importlib
 import logging
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .fixes import apply_fixes
 
+if TYPE_CHECKING:  # the registry imports this package: no import at run time
+    from ..models import ModelFamily
+
 logger = logging.getLogger(__name__)
 
 
-def family_support(family: Any) -> ModuleType:
+def family_support(family: ModelFamily) -> ModuleType:
     """The module of ``alpaca_cot.remote`` that adapts ``family`` (its row's ``remote_support``)."""
     return importlib.import_module(f"{__package__}.{family.remote_support}")
 
@@ -40,7 +43,7 @@ def _remote_class(model_path: str, reference: str, import_fixes: tuple, fixes: t
     return cls
 
 
-def remote_model_class(model_path: str, family: Any) -> type:
+def remote_model_class(model_path: str, family: ModelFamily) -> type:
     """The checkpoint's own model class (causal-LM head), with the family's fixes applied in memory."""
     from ..models import read_model_config
 
@@ -73,7 +76,7 @@ def _tokenizer_config(model_path: str) -> dict[str, Any]:
                         f"({type(exc).__name__}); check the id, your network, or use a local folder") from exc
 
 
-def load_remote_tokenizer(model_path: str, family: Any) -> Any:
+def load_remote_tokenizer(model_path: str, family: ModelFamily) -> Any:
     """The checkpoint's own tokenizer class, fixed in memory, loaded from ``model_path``."""
     from ..models import read_model_config
     from .tokenizers import TOKENIZER_FIXES, TOKENIZER_IMPORT_FIXES
@@ -88,7 +91,7 @@ def load_remote_tokenizer(model_path: str, family: Any) -> Any:
     return cls.from_pretrained(model_path, trust_remote_code=True)
 
 
-def load_remote_model(model_path: str, family: Any, kwargs: dict[str, Any]) -> Any:
+def load_remote_model(model_path: str, family: ModelFamily, kwargs: dict[str, Any]) -> Any:
     """The model of ``model_path``: the cached native conversion if the family has one for this checkpoint,
     else the checkpoint's own class with the family's fixes. ``kwargs`` go to ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
@@ -107,7 +110,7 @@ def load_remote_model(model_path: str, family: Any, kwargs: dict[str, Any]) -> A
     return cls.from_pretrained(model_path, **{**kwargs, "trust_remote_code": True})
 
 
-def native_module_names(family: Any, model: Any, names: list[str]) -> list[str]:
+def native_module_names(family: ModelFamily, model: Any, names: list[str]) -> list[str]:
     """``names`` of ``family``'s upstream modules as ``model`` calls them: our converted copy renames and splits
     fused layers (ChatGLM2's ``query_key_value`` is ``q_proj k_proj v_proj`` there); other models keep them."""
     from .convert import CONVERTED_FROM
