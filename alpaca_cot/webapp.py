@@ -26,30 +26,81 @@ def _openai_error(message: str, status: int = 400) -> Any:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
 
 
+# OpenAI request fields we honour, with their valid ranges: (field, kind, lowest, lowest allowed, highest)
+_NUMBER_FIELDS = (("temperature", float, 0, True, 2), ("top_p", float, 0, False, 1),
+                  ("max_tokens", int, 1, True, None), ("max_completion_tokens", int, 1, True, None))
+# Fields we do not honour: refused by name rather than silently ignored.
+_REFUSED_FIELDS = {
+    "n": (lambda value: value not in (None, 1), "n > 1 is not supported: send one request per answer"),
+    "stop": (lambda value: bool(value), "'stop' sequences are not supported: answers end at the model's own end "
+                                        "marker"),
+    "seed": (lambda value: value is not None, "'seed' is not supported: use temperature 0 for reproducible "
+                                              "answers"),
+}
+
+
+def _checked_number(body: dict, field: str, kind: type, lowest: float, inclusive: bool, highest: float | None) -> Any:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise UserError(f"'{field}' must be {'an integer' if kind is int else 'a number'} (got {value!r})")
+    if (value < lowest if inclusive else value <= lowest) or (highest is not None and value > highest):
+        upper = f" and <= {highest}" if highest is not None else ""
+        raise UserError(f"'{field}' must be {'>=' if inclusive else '>'} {lowest}{upper} (got {value})")
+    return value
+
+
+def chat_request(body: Any) -> tuple[list[Message], dict[str, Any], bool]:
+    """Messages, generation overrides and ``stream`` of an OpenAI chat request, every field checked by name."""
+    if not isinstance(body, dict):
+        raise UserError("the body must be a JSON object with 'messages'")
+    for field, (refused, why) in _REFUSED_FIELDS.items():
+        if refused(body.get(field)):
+            raise UserError(why)
+    numbers = {field: _checked_number(body, field, *limits) for field, *limits in _NUMBER_FIELDS}
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise UserError(f"'stream' must be true or false (got {stream!r})")
+    overrides = {"temperature": numbers["temperature"], "top_p": numbers["top_p"],
+                 "max_new_tokens": numbers["max_completion_tokens"] or numbers["max_tokens"]}
+    return messages_from_openai(body.get("messages")), overrides, stream
+
+
 def add_api_routes(app: Any, engine: Engine, model_name: str) -> None:
     """Register the JSON APIs on ``app`` (a FastAPI app, Gradio's own included)."""
+    created = int(time.time())
 
-    def chat_completions(body: dict) -> Any:
+    def complete(messages: list[Message], overrides: dict[str, Any]) -> dict[str, Any]:
+        done = engine.complete(messages, **overrides)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                         "finish_reason": done.finish_reason}],
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                      "total_tokens": done.prompt_tokens + done.completion_tokens},
+        }
+
+    async def chat_completions(request: Request) -> Any:
         try:
-            messages = messages_from_openai(body.get("messages"))
-            overrides = {"temperature": body.get("temperature"), "top_p": body.get("top_p"),
-                         "max_new_tokens": body.get("max_completion_tokens") or body.get("max_tokens")}
-            if not body.get("stream"):
-                done = engine.complete(messages, **overrides)
-                return {
-                    "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                    "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "finish_reason": done.finish_reason}],
-                    "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                              "total_tokens": done.prompt_tokens + done.completion_tokens},
-                }
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _openai_error("the body is not valid JSON")
+        try:
+            messages, overrides, stream = chat_request(body)
+            if not stream:
+                return await run_in_threadpool(complete, messages, overrides)
             config = engine.generation_config(**overrides)
             ids = engine.prompt(messages, trim=False)
         except (UserError, ValueError) as exc:
             return _openai_error(str(exc))
         return StreamingResponse(_sse_chunks(engine.stream(ids, config), model_name),
                                  media_type="text/event-stream")
+
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "alpaca-cot"}]}
 
     async def original_api(request: Request) -> Any:
         started = time.time()
@@ -68,6 +119,7 @@ def add_api_routes(app: Any, engine: Engine, model_name: str) -> None:
                 "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
 
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/", original_api, methods=["POST"])
 
 

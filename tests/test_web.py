@@ -95,6 +95,40 @@ def test_bad_requests_get_openai_style_errors(server):
     assert status == 400 and "this server accepts at most" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("extra, named", [
+    ({"max_tokens": "lots"}, "'max_tokens' must be an integer"),
+    ({"max_tokens": 0}, "'max_tokens' must be >= 1"),
+    ({"temperature": -1}, "'temperature' must be >= 0 and <= 2"),
+    ({"top_p": 1.5}, "'top_p' must be > 0 and <= 1"),
+    ({"stream": "yes"}, "'stream' must be true or false"),
+    ({"n": 2}, "n > 1 is not supported"),
+    ({"stop": ["\n"]}, "'stop' sequences are not supported"),
+    ({"seed": 7}, "'seed' is not supported"),
+])
+def test_invalid_fields_are_refused_by_name_openai_style(server, extra, named):
+    status, body = _post(f"{server}/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "hi"}], **extra})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith(named), body
+
+
+def test_malformed_json_gets_an_openai_error_not_a_validation_dump(server):
+    request = urllib.request.Request(f"{server}/v1/chat/completions", b'{"messages": [',
+                                     {"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=60)
+    assert raised.value.code == 400
+    assert json.loads(raised.value.read()) == {"error": {"message": "the body is not valid JSON",
+                                                         "type": "invalid_request_error"}}
+
+
+def test_models_endpoint_lists_the_served_model(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    [model] = client.models.list().data
+    assert model.id == "run" and model.owned_by == "alpaca-cot"
+
+
 def test_original_api(server):
     status, body = _post(server + "/", {"prompt": "Name a colour."})
     assert status == 200 and body["status"] == 200 and isinstance(body["response"], str)
