@@ -192,16 +192,30 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def read_model_config(model_path: str) -> dict[str, Any]:
     """Read the raw ``config.json`` of a local folder or hub id, without running any remote code."""
-    local = Path(model_path) / "config.json"
+    return read_checkpoint_json(model_path, "config.json")
+
+
+def read_checkpoint_json(model_path: str, filename: str, required: bool = True) -> dict[str, Any]:
+    """A JSON file of a local checkpoint folder or hub id (``{}`` when absent and not ``required``)."""
+    local = Path(model_path) / filename
     if local.is_file():
         return json.loads(local.read_text(encoding="utf-8"))
+    if Path(model_path).is_dir():
+        if not required:
+            return {}
+        raise UserError(f"--model_name_or_path: {model_path} has no {filename}")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(model_path, "config.json")).read_text(encoding="utf-8"))
+        return json.loads(Path(hf_hub_download(model_path, filename)).read_text(encoding="utf-8"))
+    except EntryNotFoundError as exc:
+        if not required:
+            return {}
+        raise UserError(f"--model_name_or_path: {model_path!r} has no {filename}") from exc
     except Exception as exc:  # offline, unknown repo, gated repo: all user-fixable
         raise UserError(
-            f"--model_name_or_path: cannot read config.json of {model_path!r} "
+            f"--model_name_or_path: cannot read {filename} of {model_path!r} "
             f"({type(exc).__name__}); check the id, your network, or use a local folder"
         ) from exc
 

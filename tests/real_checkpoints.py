@@ -89,3 +89,23 @@ def adamw_losses(model, input_ids, attention_mask, steps: int = 5, lr: float = 1
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def own_code_model(folder, name: str):
+    """``name``'s checkpoint in ``folder`` through its own (fixed) classes, fp32, in eval mode: the reference."""
+    import torch
+
+    from alpaca_cot.models import FAMILIES
+    from alpaca_cot.remote import remote_model_class
+
+    model_class = remote_model_class(str(folder), FAMILIES[name])
+    return model_class.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def loaded_model(folder, name: str):
+    """``name``'s checkpoint in ``folder`` as every script loads it (native copy or fixed classes), fp32, eval."""
+    import torch
+
+    from alpaca_cot.models import FAMILIES, load_model
+
+    return load_model(str(folder), FAMILIES[name], torch.float32, trust_remote_code=True).eval()

@@ -11,10 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from alpaca_cot.models import FAMILIES, load_model
-from alpaca_cot.remote import baichuan, remote_model_class
+from alpaca_cot.models import FAMILIES
+from alpaca_cot.remote import baichuan
 from alpaca_cot.remote.fixes import apply_fixes
-from tests.real_checkpoints import REAL_CODE, adamw_losses, build_real_checkpoint, needs_real_code
+from tests.real_checkpoints import (
+    REAL_CODE,
+    adamw_losses,
+    build_real_checkpoint,
+    loaded_model,
+    needs_real_code,
+    own_code_model,
+)
 
 pytestmark = needs_real_code
 
@@ -32,14 +39,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ALPACA_COT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def _remote_model(folder: Path, name: str) -> torch.nn.Module:
-    return remote_model_class(str(folder), FAMILIES[name]).from_pretrained(str(folder), dtype=torch.float32).eval()
-
-
-def _loaded_model(folder: Path, name: str) -> torch.nn.Module:
-    return load_model(str(folder), FAMILIES[name], torch.float32, trust_remote_code=True).eval()
 
 
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +64,7 @@ def _max_diff_on_real_tokens(first: torch.Tensor, second: torch.Tensor, mask: to
 def test_own_classes_load_weights_and_run_a_forward(checkpoints: dict[str, Path], name: str) -> None:
     from safetensors.torch import load_file
 
-    model = _remote_model(checkpoints[name], name)
+    model = own_code_model(checkpoints[name], name)
     saved = load_file(checkpoints[name] / "model.safetensors")
     assert {key: value for key, value in model.state_dict().items() if key in saved}.keys() == saved.keys()
     assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
@@ -78,7 +77,7 @@ def test_own_classes_load_weights_and_run_a_forward(checkpoints: dict[str, Path]
 
 
 def test_baichuan2_rotary_tables_are_rebuilt_from_the_meta_device(checkpoints: dict[str, Path]) -> None:
-    model = _remote_model(checkpoints["baichuan2"], "baichuan2")
+    model = own_code_model(checkpoints["baichuan2"], "baichuan2")
     with torch.no_grad():
         model(input_ids=torch.tensor([PROMPTS[0]]))
     rotary = model.model.layers[0].self_attn.rotary_emb
@@ -111,7 +110,7 @@ def test_stream_generator_is_only_exempted_where_imported_lazily(tmp_path: Path,
 
 
 def test_training_does_not_checkpoint_unless_asked(checkpoints: dict[str, Path]) -> None:
-    model = _remote_model(checkpoints["baichuan"], "baichuan")
+    model = own_code_model(checkpoints["baichuan"], "baichuan")
     assert model.config.gradient_checkpointing is False  # upstream: (False,), which is true
     assert model.model.gradient_checkpointing is False and not model.is_gradient_checkpointing
 
@@ -150,11 +149,11 @@ def test_baichuan2_converted_logits_equal_its_own_classes(checkpoints: dict[str,
     from alpaca_cot.remote import convert
 
     folder = checkpoints["baichuan2"]
-    converted = _loaded_model(folder, "baichuan2")
+    converted = loaded_model(folder, "baichuan2")
     assert type(converted).__name__ == "LlamaForCausalLM"
     _assert_all_finite(converted)
     assert torch.allclose(converted.lm_head.weight.norm(dim=-1), torch.ones(converted.config.vocab_size))
-    reference = _remote_model(folder, "baichuan2")
+    reference = own_code_model(folder, "baichuan2")
     ids, mask = _padded_batch()
     with torch.no_grad():
         diff = _max_diff_on_real_tokens(converted(input_ids=ids, attention_mask=mask).logits,
@@ -167,14 +166,14 @@ def test_baichuan2_converted_logits_equal_its_own_classes(checkpoints: dict[str,
         raise AssertionError("converted again")
 
     monkeypatch.setattr(convert, "_convert_weights", no_second_conversion)
-    again = _loaded_model(folder, "baichuan2")
+    again = loaded_model(folder, "baichuan2")
     assert sorted((cache_root / "converted").iterdir()) == copies and len(copies) == 1
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, converted(input_ids=ids).logits)
 
 
 def test_baichuan_alibi_loads_its_own_fixed_classes(checkpoints: dict[str, Path], cache_root: Path) -> None:
-    model = _loaded_model(checkpoints["baichuan"], "baichuan")
+    model = loaded_model(checkpoints["baichuan"], "baichuan")
     assert type(model).__name__ == "BaichuanForCausalLM" and hasattr(model.model.layers[0].self_attn, "W_pack")
     assert not (cache_root / "converted").exists()
 
@@ -191,7 +190,7 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None
 @pytest.mark.parametrize("name", ["baichuan", "baichuan2"])
 def test_generate_uses_the_cache_and_matches_uncached_and_unpadded(checkpoints: dict[str, Path], cache_root: Path,
                                                                    name: str) -> None:
-    model = _loaded_model(checkpoints[name], name)
+    model = loaded_model(checkpoints[name], name)
     lengths: list[int] = []
     model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
                                     with_kwargs=True)
@@ -229,7 +228,7 @@ def test_lora_trains_merges_saves_and_reloads(checkpoints: dict[str, Path], cach
                                               name: str) -> None:
     from peft import LoraConfig, get_peft_model
 
-    model = _loaded_model(checkpoints[name], name)
+    model = loaded_model(checkpoints[name], name)
     targets = _lora_targets(model, name)
     print(f"{name}: LoRA targets {targets} on {type(model).__name__}")
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
@@ -249,7 +248,7 @@ def test_lora_trains_merges_saves_and_reloads(checkpoints: dict[str, Path], cach
         # the modelling code next to the weights
         type(merged).register_for_auto_class("AutoModelForCausalLM")
     merged.save_pretrained(tmp_path / "merged")
-    reloaded = _loaded_model(tmp_path / "merged", name)
+    reloaded = loaded_model(tmp_path / "merged", name)
     with torch.no_grad():
         reload_diff = _max_diff_on_real_tokens(merged_logits, reloaded(input_ids=ids, attention_mask=mask).logits,
                                                mask)
@@ -262,7 +261,7 @@ def test_trainer_keeps_dividing_the_loss_by_accumulation(checkpoints: dict[str, 
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    model = get_peft_model(_remote_model(checkpoints["baichuan"], "baichuan"),
+    model = get_peft_model(own_code_model(checkpoints["baichuan"], "baichuan"),
                            LoraConfig(r=2, target_modules=["W_pack"]))
     arguments = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                                   gradient_accumulation_steps=32)
@@ -276,7 +275,7 @@ def test_baichuan_gradient_checkpointing_gives_the_same_gradients(checkpoints: d
     labels = ids.masked_fill(mask == 0, -100)
     gradients = []
     for checkpointing in (False, True):
-        model = _remote_model(checkpoints["baichuan"], "baichuan")
+        model = own_code_model(checkpoints["baichuan"], "baichuan")
         if checkpointing:  # as alpaca_cot.training does
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

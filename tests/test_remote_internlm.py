@@ -14,10 +14,16 @@ import pytest
 import torch
 
 from alpaca_cot.errors import UserError
-from alpaca_cot.models import FAMILIES, load_model
-from alpaca_cot.remote import internlm, internlm2, remote_model_class
+from alpaca_cot.models import FAMILIES
+from alpaca_cot.remote import internlm, internlm2
 from tests import real_checkpoints
-from tests.real_checkpoints import adamw_losses, build_real_checkpoint, needs_real_code
+from tests.real_checkpoints import (
+    adamw_losses,
+    build_real_checkpoint,
+    loaded_model,
+    needs_real_code,
+    own_code_model,
+)
 
 pytestmark = needs_real_code
 needs_einops = pytest.mark.skipif(importlib.util.find_spec("einops") is None,
@@ -87,14 +93,6 @@ def _cases(*checkpoints: str) -> list[Any]:
     return [pytest.param(name, marks=needs_einops) if _family(name) == "internlm2" else name for name in checkpoints]
 
 
-def _remote_model(folder: Path, family: str) -> torch.nn.Module:
-    return remote_model_class(str(folder), FAMILIES[family]).from_pretrained(str(folder), dtype=torch.float32).eval()
-
-
-def _loaded_model(folder: Path, family: str) -> torch.nn.Module:
-    return load_model(str(folder), FAMILIES[family], torch.float32, trust_remote_code=True).eval()
-
-
 def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(prompt) for prompt in PROMPTS)
     ids = torch.tensor([[PAD] * (width - len(p)) + list(p) for p in PROMPTS])
@@ -128,7 +126,7 @@ def _assert_same_logits(first: torch.Tensor, second: torch.Tensor, mask: torch.T
 def test_own_classes_load_true_rotary_buffers_and_run(checkpoints: dict[str, Path], name: str) -> None:
     from safetensors.torch import load_file
 
-    model = _remote_model(checkpoints[name], name)
+    model = own_code_model(checkpoints[name], name)
     saved = load_file(checkpoints[name] / "model.safetensors")
     assert all(torch.equal(model.state_dict()[key], value) for key, value in saved.items())
     built_in_memory = type(model)(model.config)  # its own __init__ computes the buffers
@@ -160,8 +158,8 @@ def test_converted_llama_gives_the_logits_of_the_own_classes(
     from alpaca_cot.remote import convert
 
     family, folder = _family(checkpoint), checkpoints[checkpoint]
-    reference = _remote_model(folder, family)
-    converted = _loaded_model(folder, family)
+    reference = own_code_model(folder, family)
+    converted = loaded_model(folder, family)
     assert type(converted) is LlamaForCausalLM
     _assert_all_finite(converted)
     bias = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("bias", False)
@@ -172,7 +170,7 @@ def test_converted_llama_gives_the_logits_of_the_own_classes(
     print(f"{checkpoint}: max |logit difference| converted vs own classes = {difference:.3g}")
 
     monkeypatch.setattr(convert, "_convert_weights", lambda *args: pytest.fail("converted a second time"))
-    again = _loaded_model(folder, family)
+    again = loaded_model(folder, family)
     assert len(list((cache_root / "converted").iterdir())) == 1
     assert torch.equal(_logits(again, ids, mask), _logits(converted, ids, mask))
 
@@ -210,7 +208,7 @@ def test_wqkv_split_follows_the_grouped_layout() -> None:
 def test_dynamic_rope_checkpoints_keep_their_fixed_own_classes(
         checkpoints: dict[str, Path], cache_root: Path, checkpoint: str) -> None:
     family, folder = _family(checkpoint), checkpoints[checkpoint]
-    model = _loaded_model(folder, family)
+    model = loaded_model(folder, family)
     assert type(model).__module__.startswith("transformers_modules.")
     assert not (cache_root / "converted").exists()
     _assert_all_finite(model)
@@ -226,7 +224,7 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, use
 
 @pytest.mark.parametrize("checkpoint", _cases("internlm", "internlm2", "internlm-dynamic", "internlm2-dynamic"))
 def test_generate_uses_the_kv_cache(checkpoints: dict[str, Path], cache_root: Path, checkpoint: str) -> None:
-    model = _loaded_model(checkpoints[checkpoint], _family(checkpoint))
+    model = loaded_model(checkpoints[checkpoint], _family(checkpoint))
     lengths: list[int] = []
     model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
                                     with_kwargs=True)
@@ -256,7 +254,7 @@ def test_lora_trains_merges_and_reloads(
     from peft import LoraConfig, get_peft_model
 
     family, folder = _family(checkpoint), checkpoints[checkpoint]
-    model = _loaded_model(folder, family)
+    model = loaded_model(folder, family)
     targets = _lora_targets(family, model)
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets))
@@ -274,7 +272,7 @@ def test_lora_trains_merges_and_reloads(
     _assert_same_logits(adapted, _logits(merged, ids, mask), mask)
     merged.save_pretrained(tmp_path / "merged")
     if checkpoint in VARIANTS:  # own classes: reloaded with them, from the saved copy of the code
-        reloaded = _remote_model(tmp_path / "merged", family)
+        reloaded = own_code_model(tmp_path / "merged", family)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -56,32 +55,13 @@ def remote_model_class(model_path: str, family: ModelFamily) -> type:
     return cls
 
 
-def _tokenizer_config(model_path: str) -> dict[str, Any]:
-    """``tokenizer_config.json`` of a local folder or hub id (``{}`` when the checkpoint has none)."""
-    import json
-
-    local = Path(model_path)
-    if local.is_dir():
-        file = local / "tokenizer_config.json"
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(model_path, "tokenizer_config.json")).read_text(encoding="utf-8"))
-    except EntryNotFoundError:
-        return {}
-    except Exception as exc:  # offline, unknown or gated repo: all user-fixable
-        raise UserError(f"--model_name_or_path: cannot read tokenizer_config.json of {model_path!r} "
-                        f"({type(exc).__name__}); check the id, your network, or use a local folder") from exc
-
-
 def load_remote_tokenizer(model_path: str, family: ModelFamily) -> Any:
     """The checkpoint's own tokenizer class, fixed in memory, loaded from ``model_path``."""
-    from ..models import read_model_config
+    from ..models import read_checkpoint_json, read_model_config
     from .tokenizers import TOKENIZER_FIXES, TOKENIZER_IMPORT_FIXES
 
-    auto_map = _tokenizer_config(model_path).get("auto_map") or read_model_config(model_path).get("auto_map") or {}
+    auto_map = (read_checkpoint_json(model_path, "tokenizer_config.json", required=False).get("auto_map")
+                or read_model_config(model_path).get("auto_map") or {})
     reference = _auto_map_entry(auto_map, ("AutoTokenizer",), "tokenizer", model_path)
 
     key = family.remote_support
