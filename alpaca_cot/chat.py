@@ -37,22 +37,27 @@ def fit_history(loaded: LoadedModel, messages: list[Message], budget: int) -> tu
         dropped += 2  # one user turn and its answer
 
 
-def stream_generate(loaded: LoadedModel, ids: list[int], generation_config: Any) -> Iterator[str]:
-    """Yield the answer to prompt ``ids`` piece by piece as the model produces it."""
+def answer_streamer(tokenizer: Any, stops: set[int]) -> Any:
+    """A ``TextIteratorStreamer`` of the answer (not the prompt) that never prints a stop token: a family's end
+    marker may be no special token to its tokenizer (ChatGLM3's ``<|user|>``), so skipping special tokens misses it."""
     import torch
     from transformers import TextIteratorStreamer
 
-    stops = stop_token_ids(generation_config)
-
-    class StopMarkerFreeStreamer(TextIteratorStreamer):
-        # a family's end marker may be no special token to its tokenizer (ChatGLM3's <|user|>): never print it
+    class StopFreeStreamer(TextIteratorStreamer):
         def put(self, value: Any) -> None:
-            if value.dim() == 1 or value.shape[0] == 1:
+            if stops and (value.dim() == 1 or value.shape[0] == 1):  # larger batches: the base class refuses them
                 value = value.reshape(-1)
-                value = value[~torch.isin(value, torch.tensor(sorted(stops), dtype=value.dtype))] if stops else value
+                value = value[~torch.isin(value, torch.tensor(sorted(stops), dtype=value.dtype))]
             super().put(value)
 
-    streamer = StopMarkerFreeStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return StopFreeStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def stream_generate(loaded: LoadedModel, ids: list[int], generation_config: Any) -> Iterator[str]:
+    """Yield the answer to prompt ``ids`` piece by piece as the model produces it."""
+    import torch
+
+    streamer = answer_streamer(loaded.tokenizer, stop_token_ids(generation_config))
     device = next(loaded.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     errors: list[BaseException] = []

@@ -435,3 +435,25 @@ def test_chatglm6b_answers_follow_gmask_sop_in_the_alpaca_template_too(tokenizer
     assert ids[answer - 2:answer] == [gmask, sop] and ids.count(gmask) == 1
     assert all(label == IGNORE_INDEX for label in labels[:answer])
     assert labels[answer:] == ids[answer:] and ids[-1] == tokenizer.convert_tokens_to_ids("<eop>")
+
+
+def test_answers_never_print_an_end_marker_that_is_no_special_token(tokenizers):
+    """ChatGLM3 stops at <|user|> (64795), which its tokenizer does not skip as special: whole and streamed
+    answers leave it out."""
+    import torch
+
+    from alpaca_cot.chat import answer_streamer
+    from alpaca_cot.inference import LoadedModel, answer_text
+
+    tokenizer = tokenizers["chatglm3"]
+    stops = set(resolve_template("chatglm3", FAMILIES["chatglm3"]).stop_ids(tokenizer))
+    answer = tokenizer("你好", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(answer + [64795], skip_special_tokens=True).endswith("<|user|>")  # the defect
+    loaded = LoadedModel(None, tokenizer, FAMILIES["chatglm3"], None, "")
+    assert answer_text(loaded, answer + [64795], stops) == "你好"
+    streamer = answer_streamer(tokenizer, stops)
+    streamer.put(torch.tensor([[64790, 64792, 64795]]))  # the prompt: skipped
+    for token in [*answer, 64795]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(streamer).strip() == "你好"
