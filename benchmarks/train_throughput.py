@@ -13,6 +13,7 @@ Both recipes train LoRA (r 8, q_proj v_proj) for one pass over the same ``--samp
   one causal SDPA call per sample on the CPU, a block-diagonal mask on CUDA; chunked loss; ``--compute_dtype
   auto`` with a bf16 base; on the CPU a faster LoRA dropout and no fp32 round trip of adapter inputs;
   gradient checkpointing only for 1B+ models on CUDA), ``--batch`` (or ``--ours_batch``) rows per step.
+- qlora (only when named in ``--recipes``): ours on a 4-bit NF4 double-quantized base.
 
 Each recipe runs in a fresh process (so peak memory is its own: resident set on CPU, allocated on CUDA);
 steps are timed after ``--warmup`` steps. Real tokens are the non-pad tokens of the timed steps.
@@ -34,10 +35,15 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DATA_FILES = ["llama_factory/alpaca_en_demo.json", "llama_factory/alpaca_zh_demo.json",
               "alpaca_cot/strategyqa_train.json"]
-RECIPES = ("original", "ours")
+RECIPES = ("original", "ours", "qlora")
 # Llama-7B's shape; the vocabulary is the tokenizer's so the real token ids fit.
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 32, "max_position_embeddings": 4096}
+
+
+def _base_bits(recipe: str, on_cuda: bool) -> int | None:
+    """The base's precision in bits where it is quantized: the 2023 script's 8-bit on CUDA, QLoRA's 4-bit."""
+    return {"original": 8 if on_cuda else None, "qlora": 4}.get(recipe)
 
 
 def _load_model(args: argparse.Namespace, recipe: str, family, model_path: str, tokenizer, scratch: Path):
@@ -47,7 +53,7 @@ def _load_model(args: argparse.Namespace, recipe: str, family, model_path: str, 
     from alpaca_cot.training import _precision
 
     on_cuda = args.device == "cuda"
-    quantization_bit = 8 if recipe == "original" and on_cuda else None
+    quantization_bit = _base_bits(recipe, on_cuda)
     load_dtype, fp16, bf16 = _precision("fp16" if recipe == "original" else "auto", on_cuda)
     if recipe == "original" and not on_cuda:
         load_dtype, fp16, bf16 = torch.float32, False, False
@@ -101,7 +107,7 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
         model, fp16, bf16 = _load_model(args, recipe, family, model_path, tokenizer, Path(scratch))
         ours_checkpointing = {"auto": None, "on": True, "off": False}[args.ours_checkpointing]
         settings = argparse.Namespace(gradient_checkpointing=True if recipe == "original" else ours_checkpointing,
-                                      quantization_bit=8 if recipe == "original" and on_cuda else None)
+                                      quantization_bit=_base_bits(recipe, on_cuda))
         model = _prepare_for_training(model, settings, True)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                                                  target_modules=["q_proj", "v_proj"]))
@@ -127,19 +133,19 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter())
 
-        batch = args.ours_batch if recipe == "ours" and args.ours_batch else args.batch
+        batch = args.ours_batch if recipe != "original" and args.ours_batch else args.batch
         steps = -(-len(train) // batch)
         training_args = TrainingArguments(
             output_dir=scratch, per_device_train_batch_size=batch, max_steps=steps, learning_rate=3e-4,
             fp16=fp16, bf16=bf16, use_cpu=not on_cuda, save_strategy="no", report_to=[], logging_steps=10**6,
             disable_tqdm=True, remove_unused_columns=False, seed=args.seed, dataloader_num_workers=0,
-            torch_compile=recipe == "ours" and args.ours_compile)
+            torch_compile=recipe != "original" and args.ours_compile)
         common = dict(model=model, args=training_args, train_dataset=train, data_collator=counting_collate,
                       callbacks=[StepClock()])
         trainer = Trainer(**common) if recipe == "original" else LeanLossTrainer(**common)
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-        with adapter_input_casts_off(model, active=recipe == "ours" and bf16 and not on_cuda):
+        with adapter_input_casts_off(model, active=recipe != "original" and bf16 and not on_cuda):
             trainer.train()
         if on_cuda:
             torch.cuda.synchronize()
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         summary = {name: {"tokens_per_s": r["tokens_per_s"], "peak_mem_mb": r["peak_mem_mb"]}
                    for name, r in results.items()}
-        if len(results) == 2:
+        if {"original", "ours"} <= results.keys():
             summary["speedup"] = results["ours"]["tokens_per_s"] / results["original"]["tokens_per_s"]
         from alpaca_cot.atomic import write_json_atomic
 
