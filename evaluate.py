@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from alpaca_cot.cli import add_generation_arguments, add_model_arguments, run_cli
+from alpaca_cot.cli import ArgumentParser, add_generation_arguments, add_model_arguments, run_cli
 from alpaca_cot.eval_tasks import TASKS
 
 GENERATION_KEYS = ("do_sample", "max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
@@ -31,7 +31,7 @@ DEFAULT_JUDGE_CACHE = Path.home() / ".cache" / "alpaca_cot" / "judge_cache.jsonl
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags: model, task and data, output folder, task switches, judge endpoint, generation settings."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, allow_abbrev=False,
+    p = ArgumentParser(prog="evaluate.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     g = p.add_argument_group("evaluation")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alpaca_cot.cli import add_generation_arguments, add_model_arguments, run_cli
+from alpaca_cot.cli import ArgumentParser, add_generation_arguments, add_model_arguments, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags: the adapter folder, optional overrides of the saved run, and generation settings."""
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+    p = ArgumentParser(prog="generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_model_arguments(p)
     p.add_argument("--instruction", help="one instruction; without it, one instruction per line from stdin")

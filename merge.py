@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alpaca_cot.cli import run_cli
+from alpaca_cot.cli import ArgumentParser, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags: the adapter folder, the output folder, optional overrides of the saved run."""
-    p = argparse.ArgumentParser(prog="merge.py", description=__doc__, allow_abbrev=False,
+    p = ArgumentParser(prog="merge.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lora_dir", required=True, help="folder written by uniform_finetune.py (or any PEFT adapter)")
     p.add_argument("--merged_dir", required=True, help="new folder for the merged model and its tokenizer")

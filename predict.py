@@ -12,12 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from alpaca_cot.cli import add_generation_arguments, add_model_arguments, run_cli
+from alpaca_cot.cli import ArgumentParser, add_generation_arguments, add_model_arguments, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags: model (adapter and overrides), data in, results out, batch size, generation settings."""
-    p = argparse.ArgumentParser(prog="predict.py", description=__doc__, allow_abbrev=False,
+    p = ArgumentParser(prog="predict.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="JSON array or JSON Lines file of records with 'instruction'")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alpaca_cot.cli import add_generation_arguments, add_model_arguments, run_cli
+from alpaca_cot.cli import ArgumentParser, add_generation_arguments, add_model_arguments, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags: model (adapter and overrides), context limit, generation settings."""
-    p = argparse.ArgumentParser(prog="server.py", description=__doc__, allow_abbrev=False,
+    p = ArgumentParser(prog="server.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--max_context", type=int, help="cap on prompt + answer tokens (default: the model's window)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .embedded import DEFAULT_MODEL
-from .errors import UserError, did_you_mean
+from .errors import ArgumentParser, UserError, did_you_mean
 from .methods import METHODS
 from .models import FAMILIES
 from .templates import TEMPLATES
@@ -26,7 +26,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 def build_finetune_parser() -> argparse.ArgumentParser:
     """Flags of ``uniform_finetune.py``: the original's names and defaults, plus a few new ones."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="uniform_finetune.py",
         description="Instruction-tune an LLM with a parameter-efficient method.",
         allow_abbrev=False,
@@ -111,6 +111,9 @@ def build_finetune_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint folder; bare flag: the latest in --output_dir")
     g.add_argument("--report_to", default="wandb", choices=["wandb", "tensorboard", "none"])
     g.add_argument("--output_dir", help="default: saved_models/{model}_{data}_{lr}/{peft_type}")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="train into an --output_dir that holds another run or other files (its old checkpoints "
+                        "are deleted); without it such a folder is refused")
     g.add_argument("--deepspeed", metavar="CONFIG",
                    help="DeepSpeed JSON config, or a shipped one: zero2, zero3, zero3_offload (CUDA)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (run under torchrun)")
@@ -159,10 +162,11 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_repeat_ngram_size", type=int)
 
 
-# Generation flags: (flag, lowest allowed, whether the lowest itself is allowed), checked before any model loads.
+# Generation flags (and the chat context cap): (flag, lowest allowed, whether the lowest itself is allowed), checked
+# before any model loads.
 _GENERATION_RANGES = (("max_new_tokens", 1, True), ("temperature", 0, True), ("top_p", 0, False),
                       ("top_k", 0, True), ("num_beams", 1, True), ("repetition_penalty", 0, False),
-                      ("no_repeat_ngram_size", 0, True))
+                      ("no_repeat_ngram_size", 0, True), ("max_context", 1, True))
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
@@ -247,14 +251,17 @@ def check_finetune_args(args: argparse.Namespace) -> None:
     """Check every flag that can be checked before loading anything; report all problems at once."""
     problems = []
     positive = ["per_gpu_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_r", "lora_alpha",
-                "bottleneck_size",
-                "num_virtual_tokens", "prompt_encoder_hidden_size", "save_total_limit"]
+                "bottleneck_size", "num_virtual_tokens", "prompt_encoder_hidden_size", "save_total_limit",
+                "adalora_init_r", "adalora_delta_t", "trainable_layers", "ddp_timeout"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("save_steps", "logging_steps", "packing_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    for name in ("adalora_tinit", "adalora_tfinal"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
     if args.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
     if args.max_steps <= 0 and args.epochs <= 0:
@@ -294,6 +301,18 @@ def _wrapped_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def _out_of_space_error(exc: BaseException) -> UserError | None:
+    """A full disk (or file size limit) anywhere below us: named, with what to do; finished work is on disk."""
+    from .outputs import is_out_of_space
+
+    if not is_out_of_space(exc):
+        return None
+    filename = getattr(exc, "filename", None)
+    where = f" writing {filename}" if filename else ""
+    return UserError(f"out of disk space{where} ({exc}); free some space and run the same command again: "
+                     "what was finished is kept and resumed")
+
+
 def run_cli(main: Callable[[], int]) -> int:
     """Run an entry point: user mistakes print one ``error:`` line and exit 2; bugs keep their traceback."""
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
@@ -309,7 +328,7 @@ def run_cli(main: Callable[[], int]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        mistake = _wrapped_user_error(exc)
+        mistake = _wrapped_user_error(exc) or _out_of_space_error(exc)
         if mistake is None:
             raise
         print(f"error: {mistake}", file=sys.stderr)

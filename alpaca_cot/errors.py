@@ -6,12 +6,21 @@ exit non-zero; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Iterable
+from typing import NoReturn
 
 
 class UserError(Exception):
     """A mistake the user can fix: the message says what, where and how."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line mistakes: ``error: ...`` naming the flag, exit 2 (usage is --help's)."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

@@ -139,6 +139,8 @@ def _gaokao_items(files: list[Path]) -> list[EvalItem]:
 
 def _row_item(row: dict[str, Any], number: int, where: str) -> EvalItem:
     """One MMCU (类别/题目/选项/答案) or plain (question/options or A..D columns/answer) record."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: record {number} is {type(row).__name__}, not an object with a question")
     question = row.get("题目", row.get("question"))
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{where}: record {number} has no question ('question' or '题目')")

@@ -16,11 +16,11 @@ from typing import Any
 from .data import encode_conversation, special_prefix_ids
 from .errors import UserError
 from .models import ModelFamily, load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
+from .outputs import RUN_MANIFEST
 from .templates import Message, Template
 
 logger = logging.getLogger(__name__)
 
-RUN_MANIFEST = "alpaca_cot_run.json"
 
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
     # Reproducible answers: the default of every script.
@@ -55,6 +55,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _read_adapter_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--lora_dir: {path} is not valid JSON ({exc}); the adapter is damaged: copy or train it "
+                        "again") from exc
+
+
 def load_for_inference(
     lora_dir: str | None = None,
     model_name_or_path: str | None = None,
@@ -81,9 +89,9 @@ def load_for_inference(
             lora_dir = None
         elif not (folder / "adapter_config.json").is_file():
             raise UserError(f"--lora_dir: {folder} holds no adapter (adapter_config.json missing)")
-        elif not manifest:
-            adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-            manifest = {"base_model": adapter_config.get("base_model_name_or_path")}
+        else:
+            adapter_config = _read_adapter_config(folder / "adapter_config.json")
+            manifest = manifest or {"base_model": adapter_config.get("base_model_name_or_path")}
     base = model_name_or_path or manifest.get("base_model")
     if not base:
         raise UserError("--model_name_or_path is needed: the adapter does not say which base model it belongs to")
@@ -107,7 +115,8 @@ def load_for_inference(
         try:
             model = PeftModel.from_pretrained(model, lora_dir)
         except SafetensorError as exc:
-            raise UserError(f"--lora_dir: the adapter weights in {lora_dir} are unreadable ({exc}); the file is "
+            weights = Path(lora_dir) / "adapter_model.safetensors"
+            raise UserError(f"--lora_dir: the adapter weights {weights} are unreadable ({exc}); the file is "
                             "truncated or corrupt: copy or train it again") from exc
         except (ValueError, KeyError, RuntimeError) as exc:  # PEFT's "not found", shape mismatches
             raise UserError(_adapter_mismatch(lora_dir, base, model, exc)) from exc

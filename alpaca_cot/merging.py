@@ -15,6 +15,7 @@ from typing import Any
 from .atomic import save_pretrained_atomic
 from .errors import UserError
 from .inference import load_for_inference, read_run_manifest
+from .outputs import check_writable_location
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def merge_adapter(
 ) -> MergeResult:
     """Merge ``lora_dir`` into its base and write model + tokenizer to ``merged_dir`` (atomically)."""
     target = Path(merged_dir)
+    check_writable_location("--merged_dir", target)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--merged_dir: {target} exists and is not empty; choose a new folder")
     if read_run_manifest(Path(lora_dir)).get("saved") == "model":

@@ -199,7 +199,11 @@ def read_checkpoint_json(model_path: str, filename: str, required: bool = True) 
     """A JSON file of a local checkpoint folder or hub id (``{}`` when absent and not ``required``)."""
     local = Path(model_path) / filename
     if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
+        try:
+            return json.loads(local.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"--model_name_or_path: {local} is not valid JSON ({exc}); the checkpoint is damaged: "
+                            "fetch that file again") from exc
     if Path(model_path).is_dir():
         if not required:
             return {}
@@ -377,6 +381,7 @@ def load_model(
 ) -> Any:
     """Load the model of ``model_path`` with the family's loader class."""
     import transformers
+    from safetensors import SafetensorError
 
     check_remote_code(family, trust_remote_code, model_path)
     loader = getattr(transformers, family.model_class)
@@ -395,6 +400,10 @@ def load_model(
             model = loader.from_pretrained(model_path, **kwargs)
     except OSError as exc:  # missing weights, offline hub, bad folder
         raise UserError(f"--model_name_or_path: cannot load {model_path}: {str(exc).splitlines()[0]}") from exc
+    except SafetensorError as exc:  # a truncated or corrupt download
+        files = ", ".join(sorted(p.name for p in Path(model_path).glob("*.safetensors"))) or "its .safetensors files"
+        raise UserError(f"--model_name_or_path: the weights in {model_path} ({files}) are unreadable ({exc}); the "
+                        "download is truncated or corrupt: fetch it again") from exc
     check_finite_tensors(model, model_path)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:

@@ -20,6 +20,7 @@ from .atomic import read_complete_lines
 from .data import load_records, read_records, record_to_messages
 from .errors import UserError
 from .inference import LoadedModel, generate_batch, prompt_ids
+from .outputs import check_writable_location
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def predict_file(
     """Answer every record of ``data_path`` into ``result_path``, resuming a previous run."""
     from tqdm.auto import tqdm
 
+    check_writable_location("--result_dir", result_path, folder=False)
+    if result_path.exists() and result_path.resolve() == data_path.resolve():
+        raise UserError(f"--result_dir: {result_path} is the --data file itself; write results to a new file")
     records = load_records(data_path, required=("instruction",))
     raw = read_records(data_path)  # echoed back unchanged, extra fields included
     done = count_finished(result_path, raw)

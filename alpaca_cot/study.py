@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json_atomic
-from .errors import UserError, did_you_mean
+from .errors import ArgumentParser, UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def run_study(study: Study) -> tuple[list[dict[str, Any]], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m alpaca_cot.study GRID.yaml [--output_dir DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m alpaca_cot.study", description=__doc__, allow_abbrev=False,
+    p = ArgumentParser(prog="python -m alpaca_cot.study", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid", help="YAML grid file (see configs/study-demo.yaml)")
     p.add_argument("--output_dir", help="study folder (default: the grid's output_dir, else studies/<grid name>)")

@@ -47,9 +47,9 @@ from .distributed import (
 from .errors import UserError
 from .evaluation import exact_match
 from .inference import RUN_MANIFEST, LoadedModel
-from .loss import LeanLossTrainer
 from .methods import PeftMethod, get_method
 from .models import load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
+from .outputs import check_resume_base, check_training_output, disk_full_explained
 from .packing import (
     PER_SAMPLE_ATTENTION,
     PackedCollator,
@@ -57,6 +57,7 @@ from .packing import (
     packing_efficiency,
     use_per_sample_attention,
 )
+from .resume import ResumableTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -373,6 +374,9 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
     heldout = _heldout_records(sources, args.heldout_eval) if args.heldout_eval else []
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = _resume_path(args, output_dir)
+    check_training_output(output_dir, str(model_path), resume is not None, args.overwrite_output_dir)
+    if resume is not None:
+        check_resume_base(Path(resume), args.model_name_or_path, Path(model_path))
     on_cuda = torch.cuda.is_available()
     compute_dtype = default_compute_dtype(on_cuda) if args.compute_dtype == "auto" else args.compute_dtype
     if family.fp16_unstable and compute_dtype == "fp16" and on_cuda:
@@ -456,7 +460,7 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         # LoRA+: the B matrices learn loraplus_lr_ratio times faster than the A matrices.
         optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=args.learning_rate,
                                               loraplus_lr_ratio=args.loraplus_lr_ratio)
-    trainer = LeanLossTrainer(
+    trainer = ResumableTrainer(
         model=model,
         args=training_args,
         optimizers=(optimizer, None),
@@ -471,7 +475,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
 
     trainer.remove_callback(PrinterCallback)  # our callback logs instead of printing raw dicts
     # Restored afterwards: generation outside autocast needs the input in the adapter's dtype.
-    with explain_peer_failure(), adapter_input_casts_off(model, active=bf16 and not on_cuda):
+    with disk_full_explained(output_dir), explain_peer_failure(), \
+            adapter_input_casts_off(model, active=bf16 and not on_cuda):
         result = trainer.train(resume_from_checkpoint=resume)
         state_dict = gathered_state_dict(trainer)
     # A run shorter than --logging_steps logs no loss: its mean stands for the first and last.
@@ -510,7 +515,8 @@ def run_finetune(args: Namespace) -> dict[str, Any]:
         "result": summary,
     }
     if trainer.is_world_process_zero():
-        save_run(trainer.model, tokenizer, output_dir, manifest, state_dict)
+        with disk_full_explained(output_dir):
+            save_run(trainer.model, tokenizer, output_dir, manifest, state_dict)
     if score_heldout:
         logger.info("scoring %d held-out records after training", len(heldout))
         after = exact_match(LoadedModel(trainer.model, tokenizer, family, template, args.model_name_or_path),

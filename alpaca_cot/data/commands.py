@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import HUB_DATASET, data_dir, download_datasets, entry_on_disk, entry_summary, filter_catalog
-from ..errors import UserError
+from ..errors import ArgumentParser, UserError
 from ..formats import FORMAT_ALIASES, FORMATS
+from ..outputs import check_new_file
 from .records import MAX_LISTED_PROBLEMS, iter_records
 
 PERCENTILES = (50, 90, 99)
@@ -28,7 +29,7 @@ PERCENTILES = (50, 90, 99)
 
 def build_parser() -> argparse.ArgumentParser:
     """Sub-commands and their flags."""
-    p = argparse.ArgumentParser(prog="python -m alpaca_cot.data", description="List, download, convert and "
+    p = ArgumentParser(prog="python -m alpaca_cot.data", description="List, download, convert and "
                                 "validate instruction datasets.",
                                 allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +92,7 @@ def convert(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
     if source.resolve() == target.resolve():
         raise UserError(f"convert: OUT must differ from IN ({source})")
+    check_new_file("convert: OUT", target)
     as_array = target.suffix.lower() == ".json"
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
