@@ -53,11 +53,35 @@ def answer_streamer(tokenizer: Any, stops: set[int]) -> Any:
     return StopFreeStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def stream_generate(loaded: LoadedModel, ids: list[int], generation_config: Any) -> Iterator[str]:
-    """Yield the answer to prompt ``ids`` piece by piece as the model produces it."""
+def _stop_switch() -> Any:
+    """A stopping criterion that ends generation once its ``stop`` event is set, keeping the ids seen last."""
     import torch
+    from transformers import StoppingCriteria
+
+    class StopSwitch(StoppingCriteria):
+        def __init__(self) -> None:
+            self.stop = threading.Event()
+            self.last: Any = None
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            self.last = input_ids
+            return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopSwitch()
+
+
+def stream_generate(loaded: LoadedModel, ids: list[int], generation_config: Any,
+                    produced: list[int] | None = None) -> Iterator[str]:
+    """Yield the answer to prompt ``ids`` piece by piece as the model produces it.
+
+    Closing the iterator early (a client that left) stops the generation within one token, so nothing keeps
+    generating for nobody. ``produced``, when given, receives the answer's token ids once it is complete.
+    """
+    import torch
+    from transformers import StoppingCriteriaList
 
     streamer = answer_streamer(loaded.tokenizer, stop_token_ids(generation_config))
+    stopper = _stop_switch()
     device = next(loaded.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     errors: list[BaseException] = []
@@ -66,17 +90,23 @@ def stream_generate(loaded: LoadedModel, ids: list[int], generation_config: Any)
         try:
             with torch.no_grad():
                 loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      generation_config=generation_config, streamer=streamer)
+                                      generation_config=generation_config, streamer=streamer,
+                                      stopping_criteria=StoppingCriteriaList([stopper]))
         except BaseException as exc:  # surfaced in the caller's thread below
             errors.append(exc)
             streamer.end()
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    yield from streamer
-    worker.join()
+    try:
+        yield from streamer
+    finally:
+        stopper.stop.set()  # a no-op after a complete answer
+        worker.join()
     if errors:
         raise errors[0]
+    if produced is not None and stopper.last is not None:
+        produced.extend(stopper.last[0, len(ids):].tolist())
 
 
 @dataclass

@@ -162,11 +162,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_repeat_ngram_size", type=int)
 
 
-# Generation flags (and the chat context cap): (flag, lowest allowed, whether the lowest itself is allowed), checked
+# Generation flags (and the serving caps): (flag, lowest allowed, whether the lowest itself is allowed), checked
 # before any model loads.
 _GENERATION_RANGES = (("max_new_tokens", 1, True), ("temperature", 0, True), ("top_p", 0, False),
                       ("top_k", 0, True), ("num_beams", 1, True), ("repetition_penalty", 0, False),
-                      ("no_repeat_ngram_size", 0, True), ("max_context", 1, True))
+                      ("no_repeat_ngram_size", 0, True), ("max_context", 1, True),
+                      ("max_new_tokens_cap", 1, True), ("max_prompt_tokens", 1, True))
 
 
 def check_generation_args(args: argparse.Namespace) -> None:

@@ -251,6 +251,15 @@ MISTAKES = [
     _m("data convert: OUT exists", "data", "convert {tmp}/good.json {tmp}/notes.txt", "notes.txt"),
     _m("data convert: OUT is IN", "data", "convert {tmp}/good.json {tmp}/good.json", "good.json"),
     # --- ports
+    _m("web: --host on the network without a key", "web", "--lora_dir {run} --host 0.0.0.0", "--api_key"),
+    _m("web: --share without a key", "web", "--lora_dir {run} --share", "--api_key"),
+    _m("web: --api_key not ASCII", "web", "--lora_dir {run} --api_key clé", "--api_key"),
+    _m("web: --max_request_bytes 0", "web", "--lora_dir {run} --max_request_bytes 0", "--max_request_bytes"),
+    _m("web: --max_queue -1", "web", "--lora_dir {run} --max_queue -1", "--max_queue"),
+    _m("web: --max_new_tokens_cap 0", "web", "--lora_dir {run} --max_new_tokens_cap 0 --port {free_port}",
+       "--max_new_tokens_cap"),
+    _m("web: --max_prompt_tokens 0", "web", "--lora_dir {run} --max_prompt_tokens 0 --port {free_port}",
+       "--max_prompt_tokens"),
     _m("web: --port out of range", "web", "--lora_dir {run} --port 70000", "--port"),
     _m("web: --port taken", "web", "--lora_dir {run} --port {taken_port}", "--port"),
 ]
@@ -287,6 +296,12 @@ def taken_port():
         yield held.getsockname()[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _prepare(tmp: Path) -> None:
     for name, content in FILES.items():
         if content is None:
@@ -315,7 +330,7 @@ def test_every_mistake_gets_one_line_naming_its_cause(mistake, world, taken_port
     monkeypatch.chdir(tmp_path)  # a default output folder, if any, lands here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _prepare(tmp_path)
-    values = {**world, "tmp": str(tmp_path), "taken_port": str(taken_port)}
+    values = {**world, "tmp": str(tmp_path), "taken_port": str(taken_port), "free_port": str(_free_port())}
     argv = [part.format(**values) for part in mistake.argv.split()]
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     try:
