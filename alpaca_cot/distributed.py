@@ -251,10 +251,17 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 
 def find_last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir``; torn ones (a kill while saving) are never picked."""
-    complete = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                if checkpoint_step(p) is not None and is_complete_checkpoint(p)]
-    return max(complete, key=checkpoint_step, default=None)
+    """The newest complete checkpoint in ``output_dir``; torn ones (a kill while saving) are never picked.
+
+    Each torn checkpoint is named in a warning, so a resumed run's log says what it passed over.
+    """
+    folders = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None),
+                     key=checkpoint_step)
+    for torn in (p for p in folders if not is_complete_checkpoint(p)):
+        logger.warning("skipping torn checkpoint %s: no %s (the run was stopped while writing it)", torn,
+                       CHECKPOINT_COMPLETE)
+    complete = [p for p in folders if is_complete_checkpoint(p)]
+    return complete[-1] if complete else None
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None = None) -> list[Path]:

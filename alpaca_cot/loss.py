@@ -10,21 +10,33 @@ recomputed in backward. On CUDA, Liger's fused kernel does the same when it is i
 hidden state with a hook (so PEFT, DDP and gradient checkpointing wrappers all still run), asks the
 model for the last position's logits only, and divides the summed loss by the number of target
 tokens of the whole accumulated batch (``num_items_in_batch``), so gradient accumulation
-normalises by tokens, not by micro-batches.
+normalises by tokens, not by micro-batches. What the model's own loss would have added on top of the
+cross-entropy (AdaLoRA's orthogonal regulariser) is added here too.
+
+A stream (``--streaming``) has no length, so the ``Trainer`` steps only after every
+``gradient_accumulation_steps`` micro-batches; at the end of a pass it would carry the last few
+micro-batches' gradients into the next pass's first step. ``LeanLossTrainer`` completes such a step
+with micro-batches that have no targets instead, so it steps right there, normalised by its own tokens,
+as the short last step of a sized epoch is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import has_length
 
 from .packing import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
+
+# Marks a micro-batch that only completes an optimizer step at the end of a stream (no targets, no loss).
+STEP_PADDING = "alpaca_cot_step_padding"
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -116,6 +128,41 @@ def lean_loss_blocker(model: Any) -> str | None:
     return None
 
 
+def adalora_model(model: Any) -> Any:
+    """The ``AdaLoraModel`` inside a PEFT-wrapped model, or None when it is not an AdaLoRA model."""
+    from peft import PeftModel
+    from peft.tuners.adalora import AdaLoraModel
+
+    base = model.base_model if isinstance(model, PeftModel) else None
+    return base if isinstance(base, AdaLoraModel) else None
+
+
+def adalora_orthogonal_penalty(adalora: Any) -> torch.Tensor | float:
+    """``orth_reg_weight`` x the mean ``||P P^T - I||_F`` over AdaLoRA's A (P = A) and B (P = B^T) matrices.
+
+    What PEFT's ``AdaLoraModel.forward`` adds to a loss computed from labels (peft 0.18 to 0.21), in the same
+    order of operations; the chunked loss never passes labels, so it adds this itself.
+    """
+    from peft.utils.integrations import gather_params_ctx
+
+    name = adalora.trainable_adapter_name
+    penalty: torch.Tensor | float = 0
+    count = 0
+    for param_name, param in adalora.model.named_parameters():
+        if ("lora_A" in param_name or "lora_B" in param_name) and name in param_name:
+            # A ZeRO-3 shard is empty here: PEFT gathers the whole matrix first
+            gather = gather_params_ctx(param, fwd_module=adalora) if param.shape == torch.Size([0]) \
+                else contextlib.nullcontext()
+            with gather:
+                covariance = param @ param.T if "lora_A" in param_name else param.T @ param
+            identity = torch.eye(*covariance.size(), out=torch.empty_like(covariance))
+            count += 1
+            penalty += torch.norm(covariance - identity, p="fro")
+    if count:
+        penalty = penalty / count
+    return adalora.peft_config[name].orth_reg_weight * penalty
+
+
 class LeanLossTrainer(Trainer):
     """``Trainer`` whose training loss comes from ``chunked_cross_entropy_sum`` (see the module docstring).
 
@@ -137,6 +184,7 @@ class LeanLossTrainer(Trainer):
             self._loss_shifts_labels = True
             # One hook for the whole run (registering per step would make torch.compile recompile).
             self._causal_lm().get_decoder().register_forward_hook(self._keep_hidden)
+        self._adalora = adalora_model(self.model)
 
     def _causal_lm(self) -> Any:
         from peft import PeftModel
@@ -149,10 +197,16 @@ class LeanLossTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Chunked next-token loss over the decoder's last hidden state, normalised by target tokens."""
+        """Chunked next-token loss over the decoder's last hidden state, normalised by target tokens.
+
+        Plus AdaLoRA's orthogonal regulariser, as the model's own loss has it. A step-padding micro-batch
+        (see ``get_batch_samples``) contributes exactly nothing.
+        """
+        inputs = dict(inputs)
+        if inputs.pop(STEP_PADDING, False):
+            return self._no_loss(model, inputs)
         if return_outputs or not self.loss_chunk_size or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = dict(inputs)
         labels = inputs.pop("labels")
         model(**inputs, logits_to_keep=1, use_cache=False)  # logits of one position: the head runs below
         hidden = self._hidden.pop()
@@ -162,6 +216,39 @@ class LeanLossTrainer(Trainer):
             num_items_in_batch = (labels[:, 1:] != IGNORE_INDEX).sum()
         loss = loss / num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) \
             else loss / num_items_in_batch
+        if self._adalora is not None:
+            loss = loss + adalora_orthogonal_penalty(self._adalora)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count was global
         return loss
+
+    def _no_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """A zero loss that still runs forward and backward: under DDP every micro-batch's backward must run."""
+        inputs.pop("labels", None)
+        outputs = model(**inputs, use_cache=False)
+        self._hidden.clear()
+        return outputs.logits.sum() * 0.0
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The Trainer's micro-batches for one optimizer step, completed with step padding where a stream ends.
+
+        An unsized epoch steps after every ``gradient_accumulation_steps`` micro-batches only, so the last
+        micro-batches of a pass would otherwise join the next pass's first step, each normalised by its own
+        few tokens (the logged loss about doubles). The padding has no targets: the step is normalised by the
+        tokens of its real micro-batches, exactly as a sized epoch's short last step.
+        """
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # Without a token count the Trainer divides by the number of micro-batches: padding would skew that.
+        if 0 < len(batches) < num_batches and num_items_in_batch is not None and not has_length(self.train_dataset):
+            batches += [self._step_padding() for _ in range(num_batches - len(batches))]
+        return batches, num_items_in_batch
+
+    def _step_padding(self) -> dict[str, Any]:
+        """A one-token micro-batch without targets, built by the run's own collator."""
+        tokenizer = self.processing_class
+        token = getattr(tokenizer, "pad_token_id", None)
+        token = getattr(tokenizer, "eos_token_id", None) if token is None else token
+        batch = dict(self.data_collator([{"input_ids": [token or 0], "attention_mask": [1],
+                                          "labels": [IGNORE_INDEX]}]))
+        batch[STEP_PADDING] = True
+        return batch

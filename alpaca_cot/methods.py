@@ -154,7 +154,14 @@ def _checked_targets(requested: list[str], model: Any, flag: str, linear_only: b
 
 def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
     def build(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
-        from alpaca_cot_peft import BottleneckConfig
+        try:
+            from alpaca_cot_peft import BottleneckConfig
+        except ImportError as exc:
+            if getattr(exc, "name", None) == "alpaca_cot_peft":
+                raise UserError(f"--peft_type {kind} needs the extension in peft/: pip install -e ./peft") from exc
+            if type(exc).__name__ == "IncompatiblePeftError":  # a peft too old, or of another shape
+                raise UserError(f"--peft_type {kind}: {exc}") from exc
+            raise
 
         field = {"houlsby": "bottleneck_sequential", "pfeiffer": "bottleneck_pfeiffer",
                  "parallel": "bottleneck_parallel"}[kind]

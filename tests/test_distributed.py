@@ -162,6 +162,9 @@ def test_sigkill_mid_run_then_resume_ends_with_the_same_adapter(tiny_llama, data
 
     result = _run([*command, "--resume_from_checkpoint"], cwd=tmp_path)
     assert "trained" in result.stdout
+    # The log names the checkpoint it resumed from and the torn one it passed over.
+    assert f"resuming from {last}: step {step} of {STEPS}" in result.stderr
+    assert f"skipping torn checkpoint {torn}: no {CHECKPOINT_COMPLETE}" in result.stderr
     assert _losses(out) == pytest.approx(_losses(reference_run), rel=LOSS_RTOL)
     _assert_same_adapter(out, reference_run)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"]
@@ -326,7 +329,7 @@ def test_deepspeed_configs_fill_from_the_flags():
     (["--fsdp", "--quantization_bit", "4"], "--fsdp shards the base weights"),
     (["--fsdp", "--fsdp_config", "missing.json"], "--fsdp_config: missing.json does not exist"),
     (["--fsdp_config", "x.json"], "--fsdp_config needs --fsdp"),
-    (["--ddp_timeout", "0"], "--ddp_timeout must be at least 1 second"),
+    (["--ddp_timeout", "0"], "--ddp_timeout must be at least 1"),  # the parser says it before the setup check
 ])
 def test_unsupported_combinations_are_refused_in_one_line(flags, expected, tiny_llama, data_file, tmp_path, capsys):
     import uniform_finetune

@@ -119,3 +119,40 @@ def test_adapters_on_a_bf16_base_train_in_fp32(peft_type, tiny_llama):
         loss = model(input_ids=FIXED_IDS, labels=FIXED_IDS).loss
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_adalora_chunked_loss_includes_the_orthogonal_regulariser(tiny_llama, tmp_path):
+    """The chunked (lean) loss never passes labels, so PEFT adds no regulariser there: the trainer adds it, and its
+    loss and gradients equal the model's own loss with labels (cross-entropy + orth_reg_weight x regulariser)."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from alpaca_cot.loss import IGNORE_INDEX, LeanLossTrainer, adalora_orthogonal_penalty
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_llama), FAMILIES["llama"], torch.float32)
+    config = AdaLoraConfig(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=100, tinit=10, tfinal=10,
+                           lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(model, config)
+    with torch.no_grad():  # E starts at zero: give the cross-entropy gradients to pass through A and B too
+        for name, param in model.named_parameters():
+            if "lora_E" in name:
+                param.normal_()
+    model.train()
+    labels = FIXED_IDS.clone()
+    labels[:, :4] = IGNORE_INDEX
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2)
+    trainer = LeanLossTrainer(model=model, args=args, loss_chunk_size=7)
+    assert trainer.loss_chunk_size == 7  # the chunked path is on for AdaLoRA
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    chunked = trainer.compute_loss(model, {"input_ids": FIXED_IDS, "labels": labels})
+    chunked_grads = torch.autograd.grad(chunked, trainable)
+    own = model(input_ids=FIXED_IDS, labels=labels).loss  # PeftModel -> AdaLoraModel.forward adds the regulariser
+    own_grads = torch.autograd.grad(own, trainable)
+
+    penalty = adalora_orthogonal_penalty(model.base_model)
+    assert penalty.item() > 1e-2  # large enough that leaving it out would show
+    torch.testing.assert_close(chunked, own, rtol=0, atol=1e-6)
+    for got, expected in zip(chunked_grads, own_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

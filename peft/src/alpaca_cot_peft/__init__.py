@@ -2,21 +2,22 @@
 
 Importing this package registers ``PeftType.BOTTLENECK`` with PEFT, after which
 ``get_peft_model``, ``save_pretrained`` and ``PeftModel.from_pretrained`` handle
-``BottleneckConfig`` like any built-in method.
+``BottleneckConfig`` like any built-in method. It needs peft>=0.18 (``compat``):
+an older peft, or a ``PeftType`` of another shape, stops the import with one line
+saying what to install.
 """
 
-from peft.utils import register_peft_method
+from .compat import MIN_PEFT_VERSION, IncompatiblePeftError, check_peft_version
 
-from .config import BottleneckConfig
-from .layer import BottleneckLayer
-from .model import DEFAULT_TARGETS, BottleneckModel
-from .registration import BOTTLENECK
+check_peft_version()  # before anything of peft is imported: an old peft fails with one line, not a traceback
 
-__all__ = ["BOTTLENECK", "DEFAULT_TARGETS", "BottleneckConfig", "BottleneckLayer", "BottleneckModel"]
+from .config import BottleneckConfig  # noqa: E402
+from .layer import BottleneckLayer  # noqa: E402
+from .model import DEFAULT_TARGETS, BottleneckModel  # noqa: E402
+from .registration import BOTTLENECK, register_method  # noqa: E402
+
+__all__ = ["BOTTLENECK", "DEFAULT_TARGETS", "MIN_PEFT_VERSION", "BottleneckConfig", "BottleneckLayer",
+           "BottleneckModel", "IncompatiblePeftError"]
 __version__ = "0.1.0"
 
-try:
-    register_peft_method(name="bottleneck", config_cls=BottleneckConfig, model_cls=BottleneckModel,
-                         prefix=BottleneckModel.prefix)
-except KeyError:  # registered already (the module was reloaded)
-    pass
+register_method("bottleneck", BottleneckConfig, BottleneckModel)
