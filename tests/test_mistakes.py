@@ -398,6 +398,25 @@ def test_predictions_onto_a_full_disk_are_named(tiny_run, tmp_path, capsys):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_a_damaged_data_cache_is_rebuilt_not_a_traceback(tiny_llama, tmp_path, caplog):
+    data, cache = tmp_path / "good.json", tmp_path / "cache"
+    data.write_text(json.dumps(GOOD_RECORDS))
+
+    def train(out: str) -> int:
+        return uniform_finetune.main(["--model_name_or_path", str(tiny_llama), "--data", str(data), "--output_dir",
+                                      str(tmp_path / out), "--report_to", "none", "--val_set_size", "0",
+                                      "--max_steps", "1", "--data_cache_dir", str(cache)])
+
+    assert train("first") == 0
+    damaged = list(cache.rglob("*.arrow"))
+    assert damaged
+    for arrow in damaged:  # cut short, as a full disk or a bad copy leaves them
+        arrow.write_bytes(arrow.read_bytes()[:300])
+    assert train("second") == 0
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+    assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
+
+
 def test_a_read_only_output_location_is_named(tmp_path):
     from alpaca_cot.outputs import check_writable_location
 

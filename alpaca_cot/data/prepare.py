@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -255,15 +256,45 @@ def prepare_data(
     seed: int,
     options: DataOptions | None = None,
 ) -> PreparedData:
-    """Load every source (mixture amounts, dedup), split off a validation set and tokenize with masking."""
+    """Load every source (mixture amounts, dedup), split off a validation set and tokenize with masking.
+
+    A damaged cache (a file cut short on disk) is ours to rebuild: it is deleted and the data read again.
+    """
     options = options or DataOptions()
     if options.streaming:
         return _prepare_streaming(sources, tokenizer, template, cutoff_len, val_set_size, seed, options)
+    cache_dir = Path(options.cache_dir or default_cache_dir())
+    try:
+        return _prepare_cached(sources, tokenizer, template, cutoff_len, val_set_size, seed, options, cache_dir)
+    except Exception as exc:
+        damage = _cache_damage(exc)
+        if damage is None:
+            raise
+    logger.warning("the data cache in %s is damaged (%s): rebuilding it", cache_dir, damage)
+    for part in ("read", "tokenized"):
+        shutil.rmtree(cache_dir / part, ignore_errors=True)
+    return _prepare_cached(sources, tokenizer, template, cutoff_len, val_set_size, seed, options, cache_dir)
+
+
+def _cache_damage(error: BaseException) -> str | None:
+    """What pyarrow said of an unreadable cached Arrow file (our own files are read by our own readers)."""
+    import pyarrow
+
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, pyarrow.ArrowException):
+            return str(current).splitlines()[0] if str(current) else type(current).__name__
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _prepare_cached(sources: list[DataSource], tokenizer: Any, template: Any, cutoff_len: int,
+                    val_set_size: int, seed: int, options: DataOptions, cache_dir: Path) -> PreparedData:
+    """``prepare_data`` through the cache folder: read once into Arrow, tokenize once per setting."""
     import numpy as np
     from datasets import concatenate_datasets
 
     started = time.perf_counter()
-    cache_dir = Path(options.cache_dir or default_cache_dir())
     manifest, parts, selections, seen = [], [], [], None
     total_bad = total_dups = 0
     for position, source in enumerate(sources):
