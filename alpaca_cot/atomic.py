@@ -1,4 +1,5 @@
-"""Writes that never leave a half-written file or folder behind: stage beside the target, then rename."""
+"""Files on disk: writes that never leave a half-written file or folder behind (stage beside the target, then
+rename), and reads that name a damaged file in one line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def read_json_file(path: Path, flag: str, remedy: str) -> Any:
+    """The JSON in ``path``; a file that is not valid JSON is a ``UserError`` naming ``flag``, the file and
+    ``remedy`` (what to do about it)."""
+    from .errors import UserError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag}: {path} is not valid JSON ({exc}); {remedy}") from exc
 
 
 def write_json_atomic(path: Path, content: Any) -> None:

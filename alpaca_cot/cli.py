@@ -253,11 +253,9 @@ def check_finetune_args(args: argparse.Namespace) -> None:
     problems = []
     positive = ["per_gpu_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_r", "lora_alpha",
                 "bottleneck_size", "num_virtual_tokens", "prompt_encoder_hidden_size", "save_total_limit",
-                "adalora_init_r", "adalora_delta_t", "trainable_layers", "ddp_timeout"]
+                "adalora_init_r", "adalora_delta_t", "trainable_layers", "ddp_timeout", "save_steps", "logging_steps",
+                "packing_len"]  # the last three: when given
     for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("save_steps", "logging_steps", "packing_len"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
     for name in ("adalora_tinit", "adalora_tfinal"):

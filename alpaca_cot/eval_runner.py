@@ -25,7 +25,7 @@ from .atomic import read_complete_lines, write_json_atomic
 from .errors import UserError
 from .eval_tasks import TASKS, EvalItem, EvalOptions, EvalTask
 from .inference import LoadedModel
-from .outputs import check_writable_location
+from .outputs import check_new_folder
 from .reports import bar_chart, markdown_table
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,7 @@ def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
             raise UserError(f"--output_dir: {output_dir} holds results evaluated with other settings "
                             f"({'; '.join(differing)}); choose a new --output_dir")
         return
-    check_writable_location("--output_dir", output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        names = ", ".join(sorted(p.name for p in output_dir.iterdir())[:3])
-        raise UserError(f"--output_dir: {output_dir} holds files evaluate.py did not write ({names}); choose a new "
-                        "--output_dir")
+    check_new_folder("--output_dir", output_dir)  # a folder of evaluate.py's own holds its settings file
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
 

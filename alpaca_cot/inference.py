@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_json_file
 from .data import encode_conversation, special_prefix_ids
 from .errors import UserError
 from .models import ModelFamily, load_model, load_tokenizer, resolve_family, resolve_model_path, resolve_template
@@ -55,14 +56,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _read_adapter_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--lora_dir: {path} is not valid JSON ({exc}); the adapter is damaged: copy or train it "
-                        "again") from exc
-
-
 def load_for_inference(
     lora_dir: str | None = None,
     model_name_or_path: str | None = None,
@@ -90,7 +83,8 @@ def load_for_inference(
         elif not (folder / "adapter_config.json").is_file():
             raise UserError(f"--lora_dir: {folder} holds no adapter (adapter_config.json missing)")
         else:
-            adapter_config = _read_adapter_config(folder / "adapter_config.json")
+            adapter_config = read_json_file(folder / "adapter_config.json", "--lora_dir",
+                                            "the adapter is damaged: copy or train it again")
             manifest = manifest or {"base_model": adapter_config.get("base_model_name_or_path")}
     base = model_name_or_path or manifest.get("base_model")
     if not base:

@@ -15,7 +15,7 @@ from typing import Any
 from .atomic import save_pretrained_atomic
 from .errors import UserError
 from .inference import load_for_inference, read_run_manifest
-from .outputs import check_writable_location
+from .outputs import check_new_folder
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ def merge_adapter(
 ) -> MergeResult:
     """Merge ``lora_dir`` into its base and write model + tokenizer to ``merged_dir`` (atomically)."""
     target = Path(merged_dir)
-    check_writable_location("--merged_dir", target)
-    if target.exists() and any(target.iterdir()):
-        raise UserError(f"--merged_dir: {target} exists and is not empty; choose a new folder")
+    check_new_folder("--merged_dir", target)
     if read_run_manifest(Path(lora_dir)).get("saved") == "model":
         raise UserError(f"--lora_dir: {lora_dir} is already a whole fine-tuned model (full/freeze run); "
                         f"use it directly with --model_name_or_path {lora_dir}")

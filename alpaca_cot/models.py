@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_json_file
 from .embedded import EMBEDDED_MODELS, resolve_embedded_model
 from .errors import UserError, unknown_name
 from .registry import build_registry
@@ -199,11 +200,7 @@ def read_checkpoint_json(model_path: str, filename: str, required: bool = True) 
     """A JSON file of a local checkpoint folder or hub id (``{}`` when absent and not ``required``)."""
     local = Path(model_path) / filename
     if local.is_file():
-        try:
-            return json.loads(local.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"--model_name_or_path: {local} is not valid JSON ({exc}); the checkpoint is damaged: "
-                            "fetch that file again") from exc
+        return read_json_file(local, "--model_name_or_path", "the checkpoint is damaged: fetch that file again")
     if Path(model_path).is_dir():
         if not required:
             return {}

@@ -65,8 +65,19 @@ def describe_contents(folder: Path) -> str | None:
     steps = sorted(s for s in (checkpoint_step(folder / n) for n in names) if s is not None)
     if steps:
         return f"checkpoints of an unfinished run (up to {CHECKPOINT_PREFIX}{steps[-1]})"
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return f"files this tool did not write ({shown})"
+    return f"files this tool did not write ({_some_names(names)})"
+
+
+def _some_names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def check_new_folder(flag: str, folder: Path) -> None:
+    """Refuse writing into ``folder`` unless it is absent or empty (and could be created): it is the user's."""
+    check_writable_location(flag, folder)
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if names:
+        raise UserError(f"{flag}: {folder} exists and is not empty ({_some_names(names)}); choose a new folder")
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -113,11 +124,10 @@ def check_resume_base(checkpoint: Path, base_model: str, resolved_base: Path) ->
     config_path = checkpoint / "adapter_config.json"
     if not config_path.is_file():
         return
-    try:
-        trained_on = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"--resume_from_checkpoint: {config_path} is not valid JSON; the checkpoint is damaged, "
-                        "resume from an earlier one") from exc
+    from .atomic import read_json_file
+
+    trained_on = read_json_file(config_path, "--resume_from_checkpoint",
+                                "the checkpoint is damaged: resume from an earlier one").get("base_model_name_or_path")
     if trained_on and trained_on not in (base_model, str(resolved_base)) and not _same_folder(Path(trained_on),
                                                                                               resolved_base):
         raise UserError(f"--resume_from_checkpoint: {checkpoint} was trained on {trained_on}, not "
