@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from alpaca_cot.cli import ArgumentParser, add_generation_arguments, add_model_arguments, run_cli
-from alpaca_cot.eval_tasks import TASKS
+from alpaca_cot.eval.tasks import TASKS
 
 GENERATION_KEYS = ("do_sample", "max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
                    "no_repeat_ngram_size")
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from alpaca_cot.eval_runner import evaluate_items, load_items
-        from alpaca_cot.eval_tasks import EvalOptions
-        from alpaca_cot.inference import generation_config_from_args, load_from_args
-        from alpaca_cot.judge import JudgeClient
+        from alpaca_cot.eval.judge import JudgeClient
+        from alpaca_cot.eval.runner import evaluate_items, load_items
+        from alpaca_cot.eval.tasks import EvalOptions
+        from alpaca_cot.infer.generation import generation_config_from_args
+        from alpaca_cot.infer.loading import load_from_args
 
         _check(args)
         # Data mistakes surface before the model loads.

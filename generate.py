@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from alpaca_cot.inference import answer, generation_config_from_args, load_from_args
+        from alpaca_cot.infer.generation import answer, generation_config_from_args
+        from alpaca_cot.infer.loading import load_from_args
 
         loaded = load_from_args(args)
         config = generation_config_from_args(loaded, args)

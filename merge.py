@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from alpaca_cot.merging import merge_adapter
+        from alpaca_cot.infer.merging import merge_adapter
 
         result = merge_adapter(args.lora_dir, args.merged_dir, args.model_name_or_path, args.model_type,
                                args.trust_remote_code)

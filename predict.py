@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from alpaca_cot.errors import UserError
-        from alpaca_cot.inference import generation_config_from_args, load_from_args
-        from alpaca_cot.prediction import predict_file
+        from alpaca_cot.infer.generation import generation_config_from_args
+        from alpaca_cot.infer.loading import load_from_args
+        from alpaca_cot.infer.prediction import predict_file
 
         if args.predict_batch_size < 1 or args.cutoff_len < 1:
             raise UserError("--predict_batch_size and --cutoff_len must be at least 1")

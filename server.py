@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from alpaca_cot.chat import ChatSession
         from alpaca_cot.errors import UserError
-        from alpaca_cot.inference import generation_config_from_args, load_from_args
+        from alpaca_cot.infer.generation import generation_config_from_args
+        from alpaca_cot.infer.loading import load_from_args
+        from alpaca_cot.serve.chat import ChatSession
 
         loaded = load_from_args(args)
         config = generation_config_from_args(loaded, args)

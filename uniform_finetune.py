@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print the summary and the command to chat with the result."""
 
     def run() -> int:
-        from alpaca_cot.training import run_finetune
+        from alpaca_cot.train.recipe import run_finetune
 
         args = parse_finetune_args(argv)
         summary = run_finetune(args)

@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
     def run() -> int:
-        from alpaca_cot.webapp import ServerOptions, check_server_options, serve
+        from alpaca_cot.serve.webapp import ServerOptions, check_server_options, serve
 
         options = ServerOptions(args.host, args.port, args.share, args.api_key, args.max_request_bytes,
                                 args.max_queue)
         check_server_options(options)  # before the model loads
-        from alpaca_cot.inference import load_from_args
-        from alpaca_cot.serving import Engine
+        from alpaca_cot.infer.loading import load_from_args
+        from alpaca_cot.serve.engine import Engine
 
         loaded = load_from_args(args)
         defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,

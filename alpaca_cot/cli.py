@@ -302,7 +302,7 @@ def _wrapped_user_error(exc: BaseException) -> UserError | None:
 
 def _out_of_space_error(exc: BaseException) -> UserError | None:
     """A full disk (or file size limit) anywhere below us: named, with what to do; finished work is on disk."""
-    from .outputs import is_out_of_space
+    from .files import is_out_of_space
 
     if not is_out_of_space(exc):
         return None

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import save_pretrained_atomic
 from .errors import UserError
+from .files import save_pretrained_atomic
 
 logger = logging.getLogger(__name__)
 

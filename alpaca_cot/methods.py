@@ -265,7 +265,6 @@ class PeftMethod:
     packs_samples: bool = True  # prompt-learning methods prepend virtual tokens per row, not per sample
 
 
-
 METHODS: dict[str, PeftMethod] = build_registry(
     "PEFT method",
     PeftMethod("lora", _lora, "LoRA: low-rank updates of the target Linear layers", lora_family=True),

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import read_json_file
 from .embedded import EMBEDDED_MODELS, resolve_embedded_model
 from .errors import UserError, unknown_name
+from .files import read_json_file
 from .registry import build_registry
 from .remote.convert import converted_from
 from .templates import ChatTemplate, Template, get_template

@@ -131,7 +131,6 @@ class Template:
         return segments
 
 
-
 @dataclass(frozen=True)
 class ChatTemplate:
     """The tokenizer's own chat template (``tokenizer.apply_chat_template``), turn by turn.
@@ -369,8 +368,8 @@ TEMPLATES: dict[str, AnyTemplate] = build_registry(
     ),
     ChatTemplate(name="chat"),
     # The chat families' own formats, piece for piece as each checkpoint's official chat code builds its prompt
-    # (tests/test_remote_tokenizers.py calls that code and compares ids). A single-turn record's input follows its
-    # instruction on a new line. BOS / [gMASK]sop come from the tokenizer (special_prefix_ids).
+    # (tests/remote/test_remote_tokenizers.py calls that code and compares ids). A single-turn record's input follows
+    # its instruction on a new line. BOS / [gMASK]sop come from the tokenizer (special_prefix_ids).
     # ChatGLM-6B (modeling_chatglm.py chat): the bare query without history, "[Round i]" from 0 with it; the
     # tokenizer appends [gMASK]<sop> to the whole prompt and <eop> ends the answer (its ptuning code: the history
     # is prompt text, the last answer is learned; that code also labels <sop>, which is always prompt: masked here).

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alpaca_cot.embedded import DEFAULT_MODEL  # noqa: E402
+from alpaca_cot.embedded import DEFAULT_MODEL
 
 WORDS = ("the of and to in is was for on that with as by at from his an were are which this be or has had not "
          "first one their its new after who they two her she been other when there all during into school time may "
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
-    from alpaca_cot.catalog import resolve_data
     from alpaca_cot.data import DataOptions, prepare_data
+    from alpaca_cot.data.catalog import resolve_data
     from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
     from alpaca_cot.templates import get_template
 

@@ -38,7 +38,7 @@ for p in (\"torch\", \"transformers\", \"peft\", \"accelerate\", \"datasets\", \
 # Two pytest steps, so a time-out in one still leaves the other's report.
 step cuda_tests "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
 step sharded_tests "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -rs -p no:cacheprovider \
-    "tests/test_distributed.py::test_sharded_engines_on_one_gpu_match_one_process"
+    "tests/train/test_distributed.py::test_sharded_engines_on_one_gpu_match_one_process"
 step train_7b "${BENCH_TIMEOUT:-330}" python3 benchmarks/train_throughput.py --device cuda --arch llama-7b --model "$tokenizer" \
     --data_dir "$data_dir" --samples "$samples" --recipes original ours qlora --out "$results/train_7b.json"
 exit $failed

@@ -26,7 +26,7 @@ def _one(method: str) -> dict:
     import logging
 
     from alpaca_cot.cli import parse_finetune_args
-    from alpaca_cot.training import run_finetune
+    from alpaca_cot.train.recipe import run_finetune
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as out:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alpaca_cot.catalog import resolve_data  # noqa: E402
-from alpaca_cot.data import load_records  # noqa: E402
-from alpaca_cot.embedded import DEFAULT_MODEL  # noqa: E402
-from alpaca_cot.inference import build_generation_config, load_for_inference  # noqa: E402
-from alpaca_cot.prediction import predict_file  # noqa: E402
+from alpaca_cot.data import load_records
+from alpaca_cot.data.catalog import resolve_data
+from alpaca_cot.embedded import DEFAULT_MODEL
+from alpaca_cot.infer.generation import build_generation_config
+from alpaca_cot.infer.loading import load_for_inference
+from alpaca_cot.infer.prediction import predict_file
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ def _load_model(args: argparse.Namespace, recipe: str, family, model_path: str, 
     import torch
 
     from alpaca_cot.models import load_model
-    from alpaca_cot.training import _precision
+    from alpaca_cot.train.recipe import _precision
 
     on_cuda = args.device == "cuda"
     quantization_bit = _base_bits(recipe, on_cuda)
@@ -84,14 +84,14 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from alpaca_cot.catalog import resolve_data
-    from alpaca_cot.cpu_adapters import adapter_input_casts_off
     from alpaca_cot.data import IGNORE_INDEX, prepare_data
-    from alpaca_cot.loss import LeanLossTrainer
+    from alpaca_cot.data.catalog import resolve_data
+    from alpaca_cot.data.packing import pack_dataset
     from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
-    from alpaca_cot.packing import pack_dataset
     from alpaca_cot.templates import get_template
-    from alpaca_cot.training import _collator, _prepare_for_training, use_cpu_fast_paths
+    from alpaca_cot.train.cpu_adapters import adapter_input_casts_off
+    from alpaca_cot.train.loss import LeanLossTrainer
+    from alpaca_cot.train.recipe import _collator, _prepare_for_training, use_cpu_fast_paths
 
     logging.basicConfig(level=logging.WARNING)
     on_cuda = args.device == "cuda"
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                    for name, r in results.items()}
         if {"original", "ours"} <= results.keys():
             summary["speedup"] = results["ours"]["tokens_per_s"] / results["original"]["tokens_per_s"]
-        from alpaca_cot.atomic import write_json_atomic
+        from alpaca_cot.files import write_json_atomic
 
         write_json_atomic(Path(args.out), summary | {"details": results})
     return 0

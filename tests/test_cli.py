@@ -80,8 +80,8 @@ def test_every_shipped_config_parses():
 
     for config in sorted(Path(DEMO_CONFIG).parent.glob("*.yaml")):
         first_lines = config.read_text().splitlines()[:6]
-        if any("python -m alpaca_cot.study" in line for line in first_lines):
-            continue  # a study grid, not a training config: tests/test_study.py parses it
+        if any("python -m alpaca_cot.eval.study" in line for line in first_lines):
+            continue  # a study grid, not a training config: tests/eval/test_study.py parses it
         assert any("python uniform_finetune.py" in line for line in first_lines), f"{config} lacks its command"
         parse_finetune_args(["--config", str(config)])
 
@@ -89,7 +89,7 @@ def test_every_shipped_config_parses():
 def test_default_output_dir_follows_the_original_layout_without_mixture_amounts_or_wildcards():
     from argparse import Namespace
 
-    from alpaca_cot.training import default_output_dir
+    from alpaca_cot.train.recipe import default_output_dir
 
     args = Namespace(model_name_or_path="models/llama-7b/", data=["alpaca:0.5", "belle:2000", "./x/mine.json"],
                      learning_rate=3e-4, peft_type="lora")

@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alpaca_cot.distributed import find_last_checkpoint
-from alpaca_cot.inference import RUN_MANIFEST
+from alpaca_cot.run_folder import RUN_MANIFEST, find_last_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -164,8 +164,9 @@ import contextlib, io, json, sys, traceback
 import os
 import torch
 import evaluate, generate, merge, predict
-from alpaca_cot.chat import ChatSession
-from alpaca_cot.inference import (build_generation_config, generate_token_ids, load_for_inference, prompt_ids)
+from alpaca_cot.infer.generation import build_generation_config, generate_token_ids, prompt_ids
+from alpaca_cot.infer.loading import load_for_inference
+from alpaca_cot.serve.chat import ChatSession
 from alpaca_cot.templates import Message
 
 def scripts(run, folder):

@@ -230,7 +230,7 @@ def test_default_targets_of_every_method_train(name, peft_type, checkpoints):
 def test_packed_rows_give_each_sample_its_own_logits(name, attention, checkpoints):
     """What --packing hands a generic model (4D block-diagonal mask, restarting positions; or one flat row
     attended sample by sample) gives every sample the logits it has alone."""
-    from alpaca_cot.packing import PackedCollator, use_per_sample_attention
+    from alpaca_cot.train.attention import PackedCollator, use_per_sample_attention
 
     model = _fresh_model(name, checkpoints).train()  # per-sample attention acts in training mode only
     for dropout in (m for m in model.modules() if isinstance(m, torch.nn.Dropout)):
@@ -266,7 +266,8 @@ import contextlib, io, json, sys, traceback
 import torch
 from transformers import AutoModelForCausalLM
 import generate, merge
-from alpaca_cot.inference import build_generation_config, load_for_inference, prompt_ids
+from alpaca_cot.infer.generation import build_generation_config, prompt_ids
+from alpaca_cot.infer.loading import load_for_inference
 from alpaca_cot.templates import Message
 
 def check(run, merged):

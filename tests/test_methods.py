@@ -105,7 +105,7 @@ def test_adapters_on_a_bf16_base_train_in_fp32(peft_type, tiny_llama):
     from peft import get_peft_model
 
     import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters
-    from alpaca_cot.training import _precision
+    from alpaca_cot.train.recipe import _precision
 
     load_dtype, fp16, bf16 = _precision("bf16", on_cuda=False)
     assert (load_dtype, fp16, bf16) == (torch.bfloat16, False, True)
@@ -127,7 +127,7 @@ def test_adalora_chunked_loss_includes_the_orthogonal_regulariser(tiny_llama, tm
     from peft import AdaLoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from alpaca_cot.loss import IGNORE_INDEX, LeanLossTrainer, adalora_orthogonal_penalty
+    from alpaca_cot.train.loss import IGNORE_INDEX, LeanLossTrainer, adalora_orthogonal_penalty
 
     torch.manual_seed(0)
     model = load_model(str(tiny_llama), FAMILIES["llama"], torch.float32)

@@ -26,9 +26,9 @@ import predict
 import server
 import uniform_finetune
 import web
-from alpaca_cot import study
 from alpaca_cot.data import commands as data_commands
 from alpaca_cot.errors import UserError
+from alpaca_cot.eval import study
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_RECORDS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a + b}"}
@@ -418,7 +418,7 @@ def test_a_damaged_data_cache_is_rebuilt_not_a_traceback(tiny_llama, tmp_path, c
 
 
 def test_a_read_only_output_location_is_named(tmp_path):
-    from alpaca_cot.outputs import check_writable_location
+    from alpaca_cot.files import check_writable_location
 
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders: the check cannot fail as root")

@@ -125,7 +125,7 @@ def test_every_inference_script_refuses_remote_code_without_the_flag(remote_fold
     import generate
     import merge
     import predict
-    from alpaca_cot.inference import load_from_args
+    from alpaca_cot.infer.loading import load_from_args
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"instruction": "hi", "input": "", "output": ""}]))

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import generate
 import uniform_finetune
-from alpaca_cot.inference import RUN_MANIFEST
+from alpaca_cot.run_folder import RUN_MANIFEST
 from tests.conftest import ROOT
 from tests.conftest import train_tiny as _train
 

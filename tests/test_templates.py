@@ -121,7 +121,7 @@ def test_chat_template_needs_one(tiny_tokenizer):
 
 
 # The remote-code families' own templates, on their real tokenizers against the official chat code:
-# tests/test_remote_tokenizers.py.
+# tests/remote/test_remote_tokenizers.py.
 
 
 def test_chat_template_generation_stops_at_its_end_of_turn_token(tiny_tokenizer):

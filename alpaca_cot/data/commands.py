@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..catalog import HUB_DATASET, data_dir, download_datasets, entry_on_disk, entry_summary, filter_catalog
 from ..errors import ArgumentParser, UserError
-from ..formats import FORMAT_ALIASES, FORMATS
-from ..outputs import check_new_file
+from ..files import check_new_file
+from .catalog import HUB_DATASET, data_dir, download_datasets, entry_on_disk, entry_summary, filter_catalog
+from .formats import FORMAT_ALIASES, FORMATS
 from .records import MAX_LISTED_PROBLEMS, iter_records
 
 PERCENTILES = (50, 90, 99)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m alpaca_cot.data``."""
     args = build_parser().parse_args(argv)
     if args.command in ("convert", "validate") and args.source_format:
-        from ..formats import get_format
+        from .formats import get_format
 
         get_format(args.source_format)
     if args.command == "validate" and args.cutoff_len < 1:

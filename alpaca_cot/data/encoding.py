@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..formats import split_turns
 from ..templates import EOS, AnyTemplate, Message, Segment, SpecialToken, special_token_id
+from .formats import split_turns
 
 IGNORE_INDEX = -100  # label of masked tokens: CrossEntropyLoss skips it
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..catalog import DataSource
 from ..errors import UserError
+from .catalog import DataSource
 from .encoding import IGNORE_INDEX, special_prefix_ids, tokenize_batch
 from .records import MAX_LISTED_PROBLEMS, iter_records
 
@@ -70,7 +70,7 @@ def check_data_args(args: Any) -> None:
     if workers is not None and workers < 1:
         problems.append(f"--preprocessing_num_workers must be at least 1 (got {workers})")
     if getattr(args, "data_format", None):
-        from ..formats import get_format
+        from .formats import get_format
 
         get_format(args.data_format, "--data_format")
     if problems:
@@ -140,8 +140,7 @@ def _generate_rows(path: str, sha256: str, data_format: str | None, seed: int, r
 
 def _reader_version() -> str:
     """Hash of the code and templates that turn files into records: a change there invalidates read caches."""
-    from .. import formats
-    from . import records
+    from . import formats, records
 
     digest = hashlib.sha256(PIPELINE_VERSION.encode())
     for path in (Path(formats.__file__), Path(records.__file__), formats.FLAN_TEMPLATES_FILE):
@@ -153,7 +152,7 @@ def _read_file(path: Path, sha256: str, options: DataOptions, seed: int, cache_d
     """One file as a memory-mapped Arrow dataset (read once; later runs reuse the cached Arrow file)."""
     from datasets import Dataset
 
-    from ..formats import flan_task
+    from .formats import flan_task
 
     # FLAN CoT templates are drawn with the seed: only then does the seed change the records
     record_seed = seed if path.suffix.lower() == ".tsv" or flan_task(path.name) else 0

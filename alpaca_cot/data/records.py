@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..formats import FORMATS, ConvertContext, SourceFormat, convert_record, get_format
+from .formats import FORMATS, ConvertContext, SourceFormat, convert_record, get_format
 
 MAX_LISTED_PROBLEMS = 3
 _CHUNK = 1 << 20
