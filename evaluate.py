@@ -19,14 +19,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from alpaca_cot.cli import ArgumentParser, add_generation_arguments, add_model_arguments, run_cli
-from alpaca_cot.eval.tasks import TASKS
+from alpaca_cot.eval.tasks import TASKS, EvalTask
+from alpaca_cot.presets import GENERATION_FLAGS
 
-GENERATION_KEYS = ("do_sample", "max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
-                   "no_repeat_ngram_size")
+GENERATION_KEYS = ("do_sample", *GENERATION_FLAGS)  # recorded in eval_settings.json
 DEFAULT_JUDGE_CACHE = Path.home() / ".cache" / "alpaca_cot" / "judge_cache.jsonl"
+
+
+def _names(which: Callable[[EvalTask], bool]) -> str:
+    """The names of the task rows ``which`` picks, for help texts: "choice", "math/judge"."""
+    return "/".join(task.name for task in TASKS.values() if which(task))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, help="benchmark file (JSON, JSON Lines or CSV) or GAOKAO-Bench folder")
     g.add_argument("--output_dir", required=True, help="folder for results.jsonl and the summary (resumed if present)")
     g.add_argument("--limit", type=int, help="evaluate only the first N records")
-    g.add_argument("--generate", action="store_true", help="choice: generate an answer and parse its letter")
-    g.add_argument("--cot_cue", default="", help="math: appended to each instruction, e.g. \"Let's think step by "
-                   "step.\" or the paper's \"先思考，再决定\"")
+    g.add_argument("--generate", action="store_true",
+                   help=f"{_names(lambda t: not t.generates)}: generate an answer and parse its letter")
+    g.add_argument("--cot_cue", default="", help=f"{_names(lambda t: t.takes_cue)}: appended to each instruction, "
+                   "e.g. \"Let's think step by step.\" or the paper's \"先思考，再决定\"")
     g.add_argument("--eval_batch_size", type=int, default=8, help="records scored together")
     g.add_argument("--cutoff_len", type=int, default=1024, help="longest prompt in tokens (the end is kept)")
-    g = p.add_argument_group("judge (task judge)")
+    g = p.add_argument_group(f"judge (task {_names(lambda t: t.needs_judge)})")
     g.add_argument("--judge_url", help="OpenAI-compatible base URL (…/v1) or …/v1/chat/completions")
     g.add_argument("--judge_model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
     g.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -56,42 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(args: argparse.Namespace) -> None:
-    from alpaca_cot.errors import UserError
-
-    problems = []
-    if args.limit is not None and args.limit < 1:
-        problems.append(f"--limit must be at least 1 (got {args.limit})")
-    if args.eval_batch_size < 1 or args.cutoff_len < 1:
-        problems.append("--eval_batch_size and --cutoff_len must be at least 1")
-    if args.generate and args.task != "choice":
-        problems.append("--generate applies to --task choice (math and judge always generate)")
-    if args.cot_cue and args.task != "math":
-        problems.append("--cot_cue applies to --task math")
-    if args.task == "judge" and not args.judge_url:
-        problems.append("--task judge needs --judge_url (an OpenAI-compatible endpoint)")
-    if args.judge_retries < 0 or args.judge_max_tokens < 1:
-        problems.append("--judge_retries must be 0 or more and --judge_max_tokens at least 1")
-    if problems:
-        raise UserError("; ".join(problems))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Check flags, read the data, load the model once, evaluate and print the summary table."""
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        from alpaca_cot.checks import check_evaluate_flags
         from alpaca_cot.eval.judge import JudgeClient
         from alpaca_cot.eval.runner import evaluate_items, load_items
         from alpaca_cot.eval.tasks import EvalOptions
         from alpaca_cot.infer.generation import generation_config_from_args
         from alpaca_cot.infer.loading import load_from_args
 
-        _check(args)
+        check_evaluate_flags(args, TASKS)
+        task = TASKS[args.task]
         # Data mistakes surface before the model loads.
         items = load_items(args.task, Path(args.data), args.limit, args.generate)
         judge = None
-        if args.task == "judge":
+        if task.needs_judge:
             judge = JudgeClient(args.judge_url, args.judge_model, Path(args.judge_cache),
                                 os.environ.get(args.judge_api_key_env), args.judge_max_tokens, args.judge_retries)
         loaded = load_from_args(args)
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.lora_dir or loaded.base_model
         settings = {"task": args.task, "data": str(Path(args.data).resolve()), "model": model,
                     "base_model": loaded.base_model, "template": loaded.template.name,
-                    "scoring": ("generate" if args.generate else "likelihood") if args.task == "choice" else "generate",
+                    "scoring": "generate" if task.generating(args.generate) else "likelihood",
                     "cot_cue": args.cot_cue,
                     "generation": {k: getattr(options.generation_config, k, None) for k in GENERATION_KEYS},
                     "judge_model": args.judge_model if judge else None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 
 from alpaca_cot.cli import build_finetune_parser, parse_finetune_args, run_cli
 
@@ -27,15 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, print the summary and the command to chat with the result."""
 
     def run() -> int:
+        from alpaca_cot.train.plan import plan_run
         from alpaca_cot.train.recipe import run_finetune
 
-        args = parse_finetune_args(argv)
-        summary = run_finetune(args)
+        started = time.monotonic()
+        plan = plan_run(parse_finetune_args(argv))
+        summary = run_finetune(plan)
         if not summary["main_process"]:
             return 0  # under torchrun rank 0 reports for the job
         out = summary["output_dir"]
         print(f"trained {summary['global_step']} steps ({summary['train_seconds']:.0f} s training, "
-              f"{summary['wall_seconds']:.0f} s in all); "
+              f"{time.monotonic() - started:.0f} s in all); "
               f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} (mean {summary['train_loss']:.4f})")
         if summary.get("heldout_after") is not None:
             print(f"held-out exact match on {summary['heldout_records']} problems: "

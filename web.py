@@ -53,12 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                                 args.max_queue)
         check_server_options(options)  # before the model loads
         from alpaca_cot.infer.loading import load_from_args
+        from alpaca_cot.presets import generation_overrides
         from alpaca_cot.serve.engine import Engine
 
         loaded = load_from_args(args)
-        defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                    "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
-                    "no_repeat_ngram_size": args.no_repeat_ngram_size}
+        defaults = generation_overrides(args)  # the engine streams with one beam whatever --num_beams says
         engine = Engine(loaded, args.preset, defaults, args.max_new_tokens_cap, args.max_prompt_tokens,
                         args.max_queue)
         serve(engine, os.path.basename(os.path.normpath(args.lora_dir or loaded.base_model)), options)

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .checks import check_finetune_flags
 from .embedded import DEFAULT_MODEL
 from .errors import ArgumentParser, UserError, did_you_mean
-from .methods import METHODS
-from .models import FAMILIES
+from .methods import ADAPTER_INITS, BOTTLENECK_PLACEMENTS, METHODS, NON_LINEARITIES
+from .models import FAMILIES, QUANTIZATIONS
+from .presets import DEFAULT_PRESET, GENERATION_FLAGS, GENERATION_PRESETS
 from .templates import TEMPLATES
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -38,7 +40,8 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="local folder, hub id or embedded model name")
     g.add_argument("--trust_remote_code", action="store_true", help="allow code shipped in the checkpoint to run")
     g.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the family's)")
-    g.add_argument("--quantization_bit", type=int, choices=[4, 8], help="load the base in 4-bit NF4 or 8-bit")
+    g.add_argument("--quantization_bit", type=int, choices=list(QUANTIZATIONS),
+                   help="load the base in 4-bit NF4 or 8-bit")
     g.add_argument("--compute_dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="training precision; auto: bf16 where the GPU or CPU computes it natively, else fp16 on "
                         "CUDA and fp32 on CPU")
@@ -73,12 +76,13 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     g.add_argument("--adalora_tinit", type=int, default=200)
     g.add_argument("--adalora_tfinal", type=int, default=1000)
     g.add_argument("--adalora_delta_t", type=int, default=10)
-    g.add_argument("--bottleneck_size", type=int, default=256, help="houlsby/pfeiffer/parallel: adapter width")
-    g.add_argument("--non_linearity", default="tanh", choices=["tanh", "relu", "gelu", "silu", "sigmoid"])
+    g.add_argument("--bottleneck_size", type=int, default=256,
+                   help=f"{'/'.join(BOTTLENECK_PLACEMENTS)}: adapter width")
+    g.add_argument("--non_linearity", default="tanh", choices=list(NON_LINEARITIES))
     g.add_argument("--adapter_dropout", type=float, default=0.0)
     g.add_argument("--adapter_scaling", default="1.0", help="multiplier of the adapter output, or 'learned'")
-    g.add_argument("--adapter_init", default="mam_adapter", choices=["mam_adapter", "bert"],
-                   help="mam_adapter: zero up-projection (starts as identity); bert: normal(0, 0.02)")
+    g.add_argument("--adapter_init", default="mam_adapter", choices=list(ADAPTER_INITS),
+                   help="; ".join(f"{name}: {what}" for name, what in ADAPTER_INITS.items()))
     g.add_argument("--trainable_layers", type=int, default=2, help="freeze: how many of the last layers train")
     g.add_argument("--num_virtual_tokens", type=int, default=20)
     g.add_argument("--prompt_encoder_hidden_size", type=int, default=128)
@@ -149,39 +153,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    """Generation flags of every inference script; greedy unless a temperature is given."""
+    """Generation flags of every inference script, from the tables of ``presets``; greedy unless a temperature is
+    given. A script that wants another default sets it with ``parser.set_defaults``."""
     g = p.add_argument_group("generation")
-    g.add_argument("--preset", choices=["greedy", "original"], default="greedy",
-                   help="greedy: reproducible; original: the 2023 project's sampling settings")
-    g.add_argument("--max_new_tokens", type=int)
-    g.add_argument("--temperature", type=float, help="> 0 samples; 0 is greedy")
-    g.add_argument("--top_p", type=float)
-    g.add_argument("--top_k", type=int)
-    g.add_argument("--num_beams", type=int)
-    g.add_argument("--repetition_penalty", type=float)
-    g.add_argument("--no_repeat_ngram_size", type=int)
-
-
-# Generation flags (and the serving caps): (flag, lowest allowed, whether the lowest itself is allowed), checked
-# before any model loads.
-_GENERATION_RANGES = (("max_new_tokens", 1, True), ("temperature", 0, True), ("top_p", 0, False),
-                      ("top_k", 0, True), ("num_beams", 1, True), ("repetition_penalty", 0, False),
-                      ("no_repeat_ngram_size", 0, True), ("max_context", 1, True),
-                      ("max_new_tokens_cap", 1, True), ("max_prompt_tokens", 1, True))
-
-
-def check_generation_args(args: argparse.Namespace) -> None:
-    """Every out-of-range generation flag, all named in one line (the flags of ``add_generation_arguments``)."""
-    problems = []
-    for name, lowest, inclusive in _GENERATION_RANGES:
-        value = getattr(args, name, None)
-        if value is not None and (value < lowest if inclusive else value <= lowest):
-            bound = f">= {lowest}" if inclusive else f"> {lowest}"
-            problems.append(f"--{name} must be {bound} (got {value})")
-    if getattr(args, "top_p", None) is not None and args.top_p > 1:
-        problems.append(f"--top_p must be <= 1 (got {args.top_p})")
-    if problems:
-        raise UserError("; ".join(problems))
+    g.add_argument("--preset", choices=list(GENERATION_PRESETS), default=DEFAULT_PRESET,
+                   help="; ".join(f"{row.name}: {row.description}" for row in GENERATION_PRESETS.values()))
+    for flag in GENERATION_FLAGS.values():
+        g.add_argument(f"--{flag.name}", type=flag.type, help=flag.help)
 
 
 def _load_yaml(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -232,7 +210,10 @@ def _given(argv: list[str], flag: str) -> bool:
 
 
 def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse training flags with the YAML layer; the demo recipe when no data is named."""
+    """Parse training flags with the YAML layer; the demo recipe when no data is named.
+
+    Every flag problem (``checks.check_finetune_flags``) is reported at once, before anything is read.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_finetune_parser()
     first = parser.parse_args(argv)
@@ -244,49 +225,8 @@ def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**_load_yaml(config_file, parser))
     args = parser.parse_args(argv)
     args.config = config_file
-    check_finetune_args(args)
+    check_finetune_flags(args)
     return args
-
-
-def check_finetune_args(args: argparse.Namespace) -> None:
-    """Check every flag that can be checked before loading anything; report all problems at once."""
-    problems = []
-    positive = ["per_gpu_train_batch_size", "gradient_accumulation_steps", "cutoff_len", "lora_r", "lora_alpha",
-                "bottleneck_size", "num_virtual_tokens", "prompt_encoder_hidden_size", "save_total_limit",
-                "adalora_init_r", "adalora_delta_t", "trainable_layers", "ddp_timeout", "save_steps", "logging_steps",
-                "packing_len"]  # the last three: when given
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            problems.append(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    for name in ("adalora_tinit", "adalora_tfinal"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name} must be 0 or more (got {getattr(args, name)})")
-    if args.learning_rate <= 0:
-        problems.append(f"--learning_rate must be positive (got {args.learning_rate})")
-    if args.max_steps <= 0 and args.epochs <= 0:
-        problems.append("--epochs must be positive when --max_steps is not set")
-    if args.val_set_size < 0 or args.heldout_eval < 0:
-        problems.append("--val_set_size and --heldout_eval must be 0 or more")
-    if args.adapter_scaling != "learned":
-        try:
-            float(args.adapter_scaling)
-        except ValueError:
-            problems.append(f"--adapter_scaling must be a number or 'learned' (got {args.adapter_scaling!r})")
-    if args.packing_len is not None and args.packing_len < args.cutoff_len:
-        problems.append(f"--packing_len {args.packing_len} is shorter than --cutoff_len {args.cutoff_len}: "
-                        "raise it or lower --cutoff_len")
-    if args.loss_chunk_size < 0:
-        problems.append(f"--loss_chunk_size must be 0 (off) or more (got {args.loss_chunk_size})")
-    if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
-        problems.append(f"--loraplus_lr_ratio must be positive (got {args.loraplus_lr_ratio})")
-    if not 0 <= args.adapter_dropout < 1:
-        problems.append(f"--adapter_dropout must be in [0, 1) (got {args.adapter_dropout})")
-    if not 0 <= args.lora_dropout < 1:
-        problems.append(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
-    if not args.data:
-        problems.append("--data needs at least one dataset name or file")
-    if problems:
-        raise UserError("; ".join(problems))
 
 
 def _wrapped_user_error(exc: BaseException) -> UserError | None:

@@ -6,11 +6,15 @@ row to ``METHODS``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
+import sys
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .errors import UserError, unknown_name
@@ -19,6 +23,37 @@ from .module_roles import adaptable_layer_names, find_module_roles
 from .registry import build_registry
 
 logger = logging.getLogger(__name__)
+
+EXTENSION_SOURCE = Path(__file__).resolve().parent.parent / "peft" / "src" / "alpaca_cot_peft"
+
+
+def extension_tables() -> ModuleType:
+    """The peft/ extension's plain-data tables (``alpaca_cot_peft/tables.py``: placements, non-linearities,
+    initialisations), read without importing the extension, which imports torch and peft (seconds), and which
+    may not be installed: the command line offers its names as choices, and a missing extension is reported only
+    when a bottleneck method is built. Loaded as the extension's own ``alpaca_cot_peft.tables`` module, so the
+    extension, imported later, shares it."""
+    name = "alpaca_cot_peft.tables"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("alpaca_cot_peft")  # finds the installed extension without importing it
+    folders = [Path(f) for f in (spec.submodule_search_locations or [])] if spec else []
+    path = next((f / "tables.py" for f in folders if (f / "tables.py").is_file()), EXTENSION_SOURCE / "tables.py")
+    tables_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(tables_spec)
+    sys.modules[name] = module
+    try:
+        tables_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_TABLES = extension_tables()
+BOTTLENECK_PLACEMENTS: dict[str, Any] = _TABLES.PLACEMENTS  # --peft_type houlsby / pfeiffer / parallel
+NON_LINEARITIES: dict[str, str] = _TABLES.NON_LINEARITIES  # --non_linearity
+ADAPTER_INITS: dict[str, str] = _TABLES.INIT_SCHEMES  # --adapter_init -> what it does
 
 
 def default_targets(family: ModelFamily, field: str, model: Any, linear_only: bool = False) -> list[str]:
@@ -152,7 +187,11 @@ def _checked_targets(requested: list[str], model: Any, flag: str, linear_only: b
     return requested
 
 
-def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
+def _bottleneck(placement: Any) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
+    """The builder of a row of the extension's placement table: its targets come from the model row's
+    ``bottleneck_<placement.targets>`` field (and ``bottleneck_input_side`` where the placement has an input side)."""
+    kind = placement.name
+
     def build(args: Namespace, family: ModelFamily, model: Any, total_steps: int) -> Any:
         try:
             from alpaca_cot_peft import BottleneckConfig
@@ -163,8 +202,7 @@ def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
                 raise UserError(f"--peft_type {kind}: {exc}") from exc
             raise
 
-        field = {"houlsby": "bottleneck_sequential", "pfeiffer": "bottleneck_pfeiffer",
-                 "parallel": "bottleneck_parallel"}[kind]
+        field = f"bottleneck_{placement.targets}"
         flag = "--lora_target_modules"
         if args.lora_target_modules or not family.generic:
             requested = upstream_names_in_model(family, model, list(args.lora_target_modules or getattr(family, field)))
@@ -172,7 +210,7 @@ def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
         else:
             targets = _method_defaults(family, field, model, f"--peft_type {kind} (or {flag})", linear_only=True)
         input_side = []
-        if kind == "houlsby":
+        if placement.input_side:
             sides = default_targets(family, "bottleneck_input_side", model, linear_only=True)
             input_side = [_input_side_pattern(t) for t in targets if t in sides]
         scaling = args.adapter_scaling if args.adapter_scaling == "learned" else float(args.adapter_scaling)
@@ -183,10 +221,9 @@ def _bottleneck(kind: str) -> Callable[[Namespace, ModelFamily, Any, int], Any]:
             adapter_dropout=args.adapter_dropout,
             target_modules=targets,
             input_side_modules=input_side,
-            use_parallel_adapter=kind == "parallel",
-            use_adapterp=kind == "pfeiffer",
             scaling=scaling,
             init_weights=args.adapter_init,
+            **placement.config_fields(),
         )
 
     return build
@@ -264,6 +301,22 @@ class PeftMethod:
     lora_family: bool = False  # has LoRA A/B matrices (--loraplus_lr_ratio applies)
     packs_samples: bool = True  # prompt-learning methods prepend virtual tokens per row, not per sample
 
+    def base_bits(self, requested: int | None) -> int | None:
+        """The bits the base model loads in: the method's own (qlora: 4), else what --quantization_bit asks."""
+        return self.quantization_bit or requested
+
+
+# Other --peft_type names of placement rows: the original project's name for its default (Houlsby) adapters.
+PLACEMENT_ALIASES = {"bottleneck": "houlsby"}
+
+
+def _placement_methods() -> Iterator[PeftMethod]:
+    """One row per placement of the extension's table, each followed by its aliases."""
+    for placement in BOTTLENECK_PLACEMENTS.values():
+        yield PeftMethod(placement.name, _bottleneck(placement), placement.description)
+        for alias in (a for a, name in PLACEMENT_ALIASES.items() if name == placement.name):
+            yield PeftMethod(alias, _bottleneck(placement), f"the same as {placement.name}")
+
 
 METHODS: dict[str, PeftMethod] = build_registry(
     "PEFT method",
@@ -273,13 +326,7 @@ METHODS: dict[str, PeftMethod] = build_registry(
     PeftMethod("adalora", _adalora, "AdaLoRA: LoRA whose rank budget is reallocated while training",
                reallocates_rank=True),
     PeftMethod("ia3", _ia3, "IA3: learned rescaling of keys, values and feed-forward activations"),
-    PeftMethod("houlsby", _bottleneck("houlsby"),
-               "sequential bottleneck adapters (SadapterH), around the MLP layers"),
-    PeftMethod("bottleneck", _bottleneck("houlsby"), "the same as houlsby"),
-    PeftMethod("pfeiffer", _bottleneck("pfeiffer"),
-               "sequential bottleneck adapter (SadapterP) after the MLP output only"),
-    PeftMethod("parallel", _bottleneck("parallel"),
-               "parallel bottleneck adapters (P-adapter) beside the attention projections"),
+    *_placement_methods(),
     PeftMethod("full", None, "full fine-tuning: every weight trains; the run saves the whole model",
                select_trainable=_full),
     PeftMethod("freeze", None, "partial fine-tuning: only the last --trainable_layers decoder layers train",

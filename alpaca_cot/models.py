@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ class ModelFamily:
     ia3_feedforward: tuple[str, ...]  # the subset of ia3_targets that are feed-forward layers
     # Bottleneck adapters (the fork's placements): sequential ones on the MLP, input side on the
     # `bottleneck_input_side` layers and output side on the rest; Pfeiffer on one output layer;
-    # parallel ones beside the attention projections.
+    # parallel ones beside the attention projections. One field per `targets` of the extension's placement
+    # table (alpaca_cot_peft/tables.py PLACEMENTS): `bottleneck_<targets>`.
     bottleneck_sequential: tuple[str, ...]
     bottleneck_input_side: tuple[str, ...]
     bottleneck_pfeiffer: tuple[str, ...]
@@ -349,6 +351,14 @@ def load_tokenizer(model_path: str, family: ModelFamily, trust_remote_code: bool
     return tokenizer
 
 
+# --quantization_bit -> the BitsAndBytesConfig keywords of that width, given the compute dtype
+QUANTIZATIONS: dict[int, Callable[[Any], dict[str, Any]]] = {
+    4: lambda compute_dtype: {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                              "bnb_4bit_compute_dtype": compute_dtype},  # NF4, double-quantized (QLoRA's)
+    8: lambda compute_dtype: {"load_in_8bit": True, "llm_int8_threshold": 6.0},
+}
+
+
 def _quantization_config(quantization_bit: int | None, compute_dtype: Any) -> Any:
     if quantization_bit is None:
         return None
@@ -358,14 +368,7 @@ def _quantization_config(quantization_bit: int | None, compute_dtype: Any) -> An
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
         raise UserError("--quantization_bit needs bitsandbytes: `pip install bitsandbytes`") from exc
-    if quantization_bit == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    return BitsAndBytesConfig(**QUANTIZATIONS[quantization_bit](compute_dtype))
 
 
 def load_model(

@@ -8,13 +8,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import check_writable_location, is_out_of_space, nearest_existing, read_json_file, some_names
+from .files import (
+    check_writable_location,
+    is_out_of_space,
+    nearest_existing,
+    read_json_file,
+    some_names,
+    write_json_atomic,
+)
 
 RUN_MANIFEST = "alpaca_cot_run.json"  # what a finished run writes last: its settings, data and result
 
@@ -163,3 +172,25 @@ def read_run_manifest(lora_dir: Path) -> dict[str, Any]:
     """The run settings saved by training, or ``{}`` for a plain PEFT adapter folder."""
     path = lora_dir / RUN_MANIFEST
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def save_run_folder(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any],
+                    state_dict: dict[str, Any] | None = None) -> None:
+    """Save adapter, tokenizer and manifest; each file lands by rename, the manifest last.
+
+    ``state_dict``: the gathered weights when training sharded them (ZeRO-3, FSDP).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
+    try:
+        model.save_pretrained(staging, state_dict=state_dict)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / RUN_MANIFEST, manifest)
+        (output_dir / RUN_MANIFEST).unlink(missing_ok=True)  # no manifest vouches for a half-swapped folder
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == RUN_MANIFEST):
+            target = output_dir / item.name
+            if item.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -86,6 +86,43 @@ def peak_rss_mib() -> float:
     return round(max(own, children) / 1024, 1)
 
 
+def _measure_streaming(args: argparse.Namespace, sources, tokenizer, template, options, anon) -> dict:
+    """Examples per second read through the IterableDataset path."""
+    from alpaca_cot.data import prepare_data
+
+    started = time.perf_counter()
+    prepared = prepare_data(sources, tokenizer, template, args.cutoff_len, 0, 0, options)
+    count = 0
+    for _ in prepared.train:
+        count += 1
+        if count >= args.stream_records:
+            break
+    seconds = time.perf_counter() - started
+    return dict(mode="streaming", examples=count, seconds=round(seconds, 1), records_per_s=round(count / seconds),
+                peak_rss_mib=peak_rss_mib(), peak_anon_rss_mib=anon.stop())
+
+
+def _measure_arrow(args: argparse.Namespace, sources, tokenizer, template, options, anon) -> dict:
+    """The first run (read into Arrow, tokenize) and a cached rerun of the same setting."""
+    from alpaca_cot.data import prepare_data
+
+    started = time.perf_counter()
+    prepared = prepare_data(sources, tokenizer, template, args.cutoff_len, 2000, 0, options)
+    first = time.perf_counter() - started
+    rss_first, anon_first = peak_rss_mib(), anon.stop()
+    started = time.perf_counter()
+    again = prepare_data(sources, tokenizer, template, args.cutoff_len, 2000, 0, options)
+    second = time.perf_counter() - started
+    stats = prepared.stats
+    return dict(mode="arrow", train_examples=len(prepared.train), first_run_s=round(first, 1),
+                records_per_s=round(args.records / first), read_s=stats["read_seconds"],
+                read_records_per_s=round(args.records / stats["read_seconds"]),
+                tokenize_s=stats["tokenize_seconds"],
+                tokenized_records_per_s=round(len(prepared.train) / stats["tokenize_seconds"]),
+                cached_rerun_s=round(second, 1), cache_hit=again.cache_hit, peak_rss_mib=rss_first,
+                peak_anon_rss_mib=anon_first, peak_rss_after_rerun_mib=peak_rss_mib())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=1_000_000)
@@ -99,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
-    from alpaca_cot.data import DataOptions, prepare_data
+    from alpaca_cot.data import DataOptions
     from alpaca_cot.data.catalog import resolve_data
     from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
     from alpaca_cot.templates import get_template
@@ -120,36 +157,9 @@ def main(argv: list[str] | None = None) -> int:
               "template": template.name, "cutoff_len": args.cutoff_len, "workers": args.workers or 1,
               "generate_s": round(generated, 1)}
     options = DataOptions(cache_dir=work / "cache", num_proc=args.workers, streaming=args.streaming)
-    anon = AnonMemorySampler()
     sources = resolve_data([str(data)])
-    if args.streaming:
-        started = time.perf_counter()
-        prepared = prepare_data(sources, tokenizer, template, args.cutoff_len, 0, 0, options)
-        count = 0
-        for _ in prepared.train:
-            count += 1
-            if count >= args.stream_records:
-                break
-        seconds = time.perf_counter() - started
-        result.update(mode="streaming", examples=count, seconds=round(seconds, 1),
-                      records_per_s=round(count / seconds), peak_rss_mib=peak_rss_mib(),
-                      peak_anon_rss_mib=anon.stop())
-    else:
-        started = time.perf_counter()
-        prepared = prepare_data(sources, tokenizer, template, args.cutoff_len, 2000, 0, options)
-        first = time.perf_counter() - started
-        rss_first, anon_first = peak_rss_mib(), anon.stop()
-        started = time.perf_counter()
-        again = prepare_data(sources, tokenizer, template, args.cutoff_len, 2000, 0, options)
-        second = time.perf_counter() - started
-        result.update(mode="arrow", train_examples=len(prepared.train), first_run_s=round(first, 1),
-                      records_per_s=round(args.records / first), read_s=prepared.stats["read_seconds"],
-                      read_records_per_s=round(args.records / prepared.stats["read_seconds"]),
-                      tokenize_s=prepared.stats["tokenize_seconds"],
-                      tokenized_records_per_s=round(len(prepared.train) / prepared.stats["tokenize_seconds"]),
-                      cached_rerun_s=round(second, 1),
-                      cache_hit=again.cache_hit, peak_rss_mib=rss_first, peak_anon_rss_mib=anon_first,
-                      peak_rss_after_rerun_mib=peak_rss_mib())
+    measure = _measure_streaming if args.streaming else _measure_arrow
+    result.update(measure(args, sources, tokenizer, template, options, AnonMemorySampler()))
     print(json.dumps(result))
     return 0
 

@@ -26,6 +26,7 @@ def _one(method: str) -> dict:
     import logging
 
     from alpaca_cot.cli import parse_finetune_args
+    from alpaca_cot.train.plan import plan_run
     from alpaca_cot.train.recipe import run_finetune
 
     logging.basicConfig(level=logging.WARNING)
@@ -35,7 +36,7 @@ def _one(method: str) -> dict:
                                     "--val_set_size", "0", "--report_to", "none", "--save_steps", "1000",
                                     "--bottleneck_size", "64", "--output_dir", out])
         started = time.time()
-        summary = run_finetune(args)
+        summary = run_finetune(plan_run(args))
     return {"method": method, "trainable": summary["trainable_params"], "total": summary["total_params"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "seconds_per_step": summary["train_seconds"] / 4, "wall": time.time() - started}

@@ -17,10 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from alpaca_cot.cli import add_generation_arguments
 from alpaca_cot.data import load_records
 from alpaca_cot.data.catalog import resolve_data
 from alpaca_cot.embedded import DEFAULT_MODEL
-from alpaca_cot.infer.generation import build_generation_config
+from alpaca_cot.infer.generation import generation_config_from_args
 from alpaca_cot.infer.loading import load_for_inference
 from alpaca_cot.infer.prediction import predict_file
 
@@ -31,14 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora_dir")
     p.add_argument("--records", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    add_generation_arguments(p)
+    p.set_defaults(max_new_tokens=64)
     args = p.parse_args(argv)
 
     [demo] = resolve_data(["demo"])
     records = load_records(demo.heldout)[: args.records]
     loaded = load_for_inference(args.lora_dir, None if args.lora_dir else DEFAULT_MODEL)
     # A fixed number of new tokens makes both settings do the same work.
-    config = build_generation_config(loaded, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+    config = generation_config_from_args(loaded, args, min_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "in.json"
         data.write_text(json.dumps(records, ensure_ascii=False))

@@ -41,22 +41,41 @@ LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers"
             "num_key_value_heads": 32, "max_position_embeddings": 4096}
 
 
-def _base_bits(recipe: str, on_cuda: bool) -> int | None:
-    """The base's precision in bits where it is quantized: the 2023 script's 8-bit on CUDA, QLoRA's 4-bit."""
-    return {"original": 8 if on_cuda else None, "qlora": 4}.get(recipe)
+def _plan(args: argparse.Namespace, recipe: str, scratch: Path):
+    """The recipe as a training run plan: the same flags, checks and resolution as uniform_finetune.py.
+
+    original: the 2023 script's fp16 (fp32 on a CPU), 8-bit base on CUDA, checkpointing, no packing;
+    ours: the defaults; qlora: ours on a 4-bit base.
+    """
+    from alpaca_cot.cli import parse_finetune_args
+    from alpaca_cot.train.plan import plan_run
+
+    flags = ["--model_name_or_path", args.model, "--data", *(str(Path(args.data_dir) / f) for f in DATA_FILES),
+             "--peft_type", "qlora" if recipe == "qlora" else "lora", "--lora_r", "8", "--lora_alpha", "16",
+             "--lora_dropout", "0.05", "--lora_target_modules", "q_proj", "v_proj", "--cutoff_len",
+             str(args.cutoff_len), "--val_set_size", "0", "--seed", str(args.seed), "--report_to", "none",
+             "--output_dir", str(scratch / "run")]
+    if recipe == "original":
+        flags += ["--compute_dtype", "fp16", "--packing", "false"]
+        flags += ["--quantization_bit", "8"] if args.device == "cuda" else []
+    parsed = parse_finetune_args(flags)
+    parsed.gradient_checkpointing = (True if recipe == "original"
+                                     else {"auto": None, "on": True, "off": False}[args.ours_checkpointing])
+    plan = plan_run(parsed)
+    if plan.on_cuda != (args.device == "cuda"):
+        raise SystemExit(f"--device {args.device}: this machine {'has' if plan.on_cuda else 'has no'} CUDA GPU")
+    return plan
 
 
-def _load_model(args: argparse.Namespace, recipe: str, family, model_path: str, tokenizer, scratch: Path):
+def _load_model(args: argparse.Namespace, plan, tokenizer, scratch: Path):
     import torch
 
     from alpaca_cot.models import load_model
-    from alpaca_cot.train.recipe import _precision
 
-    on_cuda = args.device == "cuda"
-    quantization_bit = _base_bits(recipe, on_cuda)
-    load_dtype, fp16, bf16 = _precision("fp16" if recipe == "original" else "auto", on_cuda)
-    if recipe == "original" and not on_cuda:
-        load_dtype, fp16, bf16 = torch.float32, False, False
+    on_cuda = plan.on_cuda
+    quantization_bit = plan.quantization_bit
+    load_dtype = plan.precision.torch_load_dtype
+    model_path = str(plan.model_path)
     if args.arch == "llama-7b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,9 +90,34 @@ def _load_model(args: argparse.Namespace, recipe: str, family, model_path: str, 
             torch.cuda.empty_cache()
             model_path = str(scratch / "llama-7b")
         else:
-            return model, fp16, bf16
+            return model
     device_map = {"": 0} if on_cuda else None
-    return load_model(model_path, family, load_dtype, quantization_bit, device_map), fp16, bf16
+    return load_model(model_path, plan.family, load_dtype, quantization_bit, device_map)
+
+
+def _build(args: argparse.Namespace, plan, recipe: str, scratch: Path) -> tuple:
+    """(LoRA-wrapped model, samples, training rows, collator) of one recipe: the original pads, ours packs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq
+
+    from alpaca_cot.data import IGNORE_INDEX, prepare_data
+    from alpaca_cot.data.packing import pack_dataset
+    from alpaca_cot.train.arguments import batch_collator
+    from alpaca_cot.train.recipe import load_training_tokenizer, prepare_for_training, use_cpu_fast_paths
+
+    tokenizer = load_training_tokenizer(plan)
+    data = prepare_data(list(plan.sources), tokenizer, plan.template, args.cutoff_len, 0, args.seed)
+    samples = data.train.shuffle(seed=args.seed).select(range(min(args.samples, len(data.train))))
+    model = _load_model(args, plan, tokenizer, scratch)
+    model, _ = prepare_for_training(model, plan)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "v_proj"]))
+    if recipe == "original":
+        return model, samples, samples, DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                               label_pad_token_id=IGNORE_INDEX)
+    if not plan.on_cuda:
+        use_cpu_fast_paths(model, packing=True)
+    return model, samples, pack_dataset(samples, args.cutoff_len), batch_collator(tokenizer, model, True, plan.on_cuda)
 
 
 def _one(args: argparse.Namespace, recipe: str) -> dict:
@@ -81,44 +125,17 @@ def _one(args: argparse.Namespace, recipe: str) -> dict:
     import logging
 
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from alpaca_cot.data import IGNORE_INDEX, prepare_data
-    from alpaca_cot.data.catalog import resolve_data
-    from alpaca_cot.data.packing import pack_dataset
-    from alpaca_cot.models import load_tokenizer, resolve_family, resolve_model_path
-    from alpaca_cot.templates import get_template
     from alpaca_cot.train.cpu_adapters import adapter_input_casts_off
     from alpaca_cot.train.loss import LeanLossTrainer
-    from alpaca_cot.train.recipe import _collator, _prepare_for_training, use_cpu_fast_paths
 
     logging.basicConfig(level=logging.WARNING)
     on_cuda = args.device == "cuda"
-    model_path = resolve_model_path(args.model)
-    family = resolve_family(None, model_path)
-    tokenizer = load_tokenizer(model_path, family)
-    tokenizer.padding_side = "right"
-    sources = resolve_data([str(Path(args.data_dir) / f) for f in DATA_FILES])
-    data = prepare_data(sources, tokenizer, get_template(family.template), args.cutoff_len, 0, args.seed)
-    samples = data.train.shuffle(seed=args.seed).select(range(min(args.samples, len(data.train))))
-
     with tempfile.TemporaryDirectory() as scratch:
-        model, fp16, bf16 = _load_model(args, recipe, family, model_path, tokenizer, Path(scratch))
-        ours_checkpointing = {"auto": None, "on": True, "off": False}[args.ours_checkpointing]
-        settings = argparse.Namespace(gradient_checkpointing=True if recipe == "original" else ours_checkpointing,
-                                      quantization_bit=_base_bits(recipe, on_cuda))
-        model = _prepare_for_training(model, settings, True)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "v_proj"]))
-        if recipe == "original":
-            train = samples
-            collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        else:
-            train = pack_dataset(samples, args.cutoff_len)
-            if not on_cuda:
-                use_cpu_fast_paths(model, packing=True)
-            collate = _collator(tokenizer, model, True, on_cuda)
+        plan = _plan(args, recipe, Path(scratch))
+        fp16, bf16 = plan.precision.trainer_fp16, plan.precision.trainer_bf16
+        model, samples, train, collate = _build(args, plan, recipe, Path(scratch))
         real_tokens: list[int] = []
 
         def counting_collate(features: list[dict]) -> dict:

@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, needs_embedded_model
 
-pytestmark = needs_embedded_model
+pytestmark = [needs_embedded_model, pytest.mark.slow]
 
 FAST = ["--data", "demo", "--per_gpu_train_batch_size", "2", "--gradient_accumulation_steps", "1",
         "--cutoff_len", "160", "--val_set_size", "0", "--report_to", "none", "--logging_steps", "1"]

@@ -81,6 +81,11 @@ def family_model(request, checkpoints):
     return request.param, checkpoints[request.param]
 
 
+# Remote-code families are slow rows in the tests that take these: tests/remote/ trains each of them quickly.
+FAMILY_ROWS = [pytest.param(name, marks=pytest.mark.slow) if FAMILIES[name].trust_remote_code else name
+               for name in sorted(FAMILIES)]
+
+
 def _trust(name):
     return ["--trust_remote_code"] if FAMILIES[name].trust_remote_code else []
 
@@ -90,7 +95,9 @@ def test_family_is_detected_from_config_json(family_model):
     assert resolve_family(None, str(folder)).name == name
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "ia3", "houlsby", "pfeiffer", "parallel"])
+@pytest.mark.parametrize("peft_type", ["lora", *(pytest.param(peft_type, marks=pytest.mark.slow)
+                                                for peft_type in ["ia3", "houlsby", "pfeiffer", "parallel"])])
+@pytest.mark.parametrize("family_model", FAMILY_ROWS, indirect=True)
 def test_default_targets_of_every_method_train(family_model, peft_type):
     """The family's default targets of each method exist, and a training step reaches every adapter weight."""
     import torch
@@ -115,8 +122,9 @@ def test_default_targets_of_every_method_train(family_model, peft_type):
     assert any(float(grad.abs().sum()) > 0 for grad in trained.values())
 
 
-@pytest.mark.parametrize("template", ["alpaca", "own"])
-@pytest.mark.parametrize("peft_type", ["lora", "houlsby"])
+@pytest.mark.parametrize("template", ["alpaca", pytest.param("own", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("peft_type", ["lora", pytest.param("houlsby", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family_model", FAMILY_ROWS, indirect=True)
 def test_loss_is_finite_and_falls_on_a_fixed_batch(family_model, peft_type, template):
     """Five AdamW steps on one batch of two records (right-padded, as training pads) lower the loss."""
     import torch
@@ -269,6 +277,7 @@ def reloaded_runs(checkpoints, tmp_path_factory):
     return trained, json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_train_save_reload_in_a_fresh_process_and_generate(family_model, reloaded_runs):
     name, _ = family_model
     trained, checked = reloaded_runs
@@ -277,6 +286,7 @@ def test_train_save_reload_in_a_fresh_process_and_generate(family_model, reloade
     assert "error" not in result, result["error"]
 
 
+@pytest.mark.slow
 def test_generation_uses_the_kv_cache(family_model, reloaded_runs):
     """After the prompt, every forward of one-at-a-time generation gets exactly one new token."""
     name, _ = family_model
@@ -286,6 +296,7 @@ def test_generation_uses_the_kv_cache(family_model, reloaded_runs):
     assert result["steps_alone"] == [first, 1, 1, 1, 1, second, 1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_batched_greedy_answers_equal_one_at_a_time(family_model, reloaded_runs):
     name, _ = family_model
     result = reloaded_runs[1].get(name, {"error": f"training {name} failed"})
@@ -293,6 +304,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(family_model, reloaded_runs)
     assert result["together"] == result["alone"]
 
 
+@pytest.mark.slow
 def test_merged_folder_reloads_with_the_adapters_logits(family_model, reloaded_runs):
     name, _ = family_model
     result = reloaded_runs[1].get(name, {"error": f"training {name} failed"})

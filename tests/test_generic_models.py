@@ -341,6 +341,7 @@ class _Recorder(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_trained_run_reloads_generates_with_the_cache_and_merges(run, reloaded_runs):
     trained, logs, checked = reloaded_runs
@@ -355,6 +356,7 @@ def test_trained_run_reloads_generates_with_the_cache_and_merges(run, reloaded_r
     assert result["adapter_effect"] > 1e-4, result  # the merged weights carry a real update
 
 
+@pytest.mark.slow
 def test_packing_the_chat_template_and_all_on_generic_models(reloaded_runs):
     _, logs, checked = reloaded_runs
     assert "packed rows attend sample by sample" in logs["phi3"] and checked["phi3"]["template"] == "chat"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alpaca_cot.cli import parse_finetune_args
-from alpaca_cot.methods import METHODS
+from alpaca_cot.methods import BOTTLENECK_PLACEMENTS, METHODS, PLACEMENT_ALIASES
 from alpaca_cot.models import FAMILIES, load_model
 from tests.conftest import ROOT
 
@@ -23,6 +23,7 @@ def _method_args(peft_type: str):
                                 "--adalora_init_r", "4", "--lora_r", "4"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft_type", sorted(name for name, m in METHODS.items() if m.build_config))
 def test_method_trains_only_its_parameters_and_reloads_identically(peft_type, tiny_llama, tmp_path):
     from peft import get_peft_model
@@ -105,11 +106,14 @@ def test_adapters_on_a_bf16_base_train_in_fp32(peft_type, tiny_llama):
     from peft import get_peft_model
 
     import alpaca_cot_peft  # noqa: F401 - registers the bottleneck adapters
-    from alpaca_cot.train.recipe import _precision
+    from alpaca_cot.train.plan import Precision, resolve_precision
 
-    load_dtype, fp16, bf16 = _precision("bf16", on_cuda=False)
-    assert (load_dtype, fp16, bf16) == (torch.bfloat16, False, True)
-    assert _precision("bf16", on_cuda=False, weights_train=True)[0] == torch.float32  # full / freeze
+    precision = resolve_precision("bf16", FAMILIES["llama"], on_cuda=False, weights_train=False)
+    assert precision == Precision("bf16", "bfloat16", trainer_fp16=False, trainer_bf16=True)
+    load_dtype = precision.torch_load_dtype
+    assert load_dtype == torch.bfloat16
+    full = resolve_precision("bf16", FAMILIES["llama"], on_cuda=False, weights_train=True)  # full / freeze
+    assert full.torch_load_dtype == torch.float32
     model = load_model(str(tiny_llama), FAMILIES["llama"], load_dtype)
     config = METHODS[peft_type].build_config(_method_args(peft_type), FAMILIES["llama"], model, total_steps=100)
     model = get_peft_model(model, config)
@@ -156,3 +160,18 @@ def test_adalora_chunked_loss_includes_the_orthogonal_regulariser(tiny_llama, tm
     torch.testing.assert_close(chunked, own, rtol=0, atol=1e-6)
     for got, expected in zip(chunked_grads, own_grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft_type", [*BOTTLENECK_PLACEMENTS, *PLACEMENT_ALIASES])
+def test_every_placement_row_builds_its_config_from_the_family_row(peft_type, tiny_llama):
+    from alpaca_cot_peft import placement_of
+
+    placement = BOTTLENECK_PLACEMENTS[PLACEMENT_ALIASES.get(peft_type, peft_type)]
+    family = FAMILIES["llama"]
+    model = load_model(str(tiny_llama), family, torch.float32)
+    config = METHODS[peft_type].build_config(_method_args(peft_type), family, model, total_steps=100)
+    assert placement_of(config) is placement
+    assert config.target_modules == set(getattr(family, f"bottleneck_{placement.targets}"))
+    sides = set(family.bottleneck_input_side) & config.target_modules if placement.input_side else set()
+    assert set(config.input_side_modules) == sides and (sides or not placement.input_side)
+    assert METHODS[peft_type].description == placement.description or peft_type in PLACEMENT_ALIASES

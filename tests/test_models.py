@@ -145,9 +145,10 @@ def test_every_inference_script_refuses_remote_code_without_the_flag(remote_fold
     assert _no_code_of_the_refused_checkpoint_imported()
 
 
-@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
-@pytest.mark.parametrize("name", ["chatglm", "chatglm2", "chatglm3", "moss", "internlm", "internlm2", "baichuan",
-                                  "baichuan2"])
+@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), pytest.param(8, "Linear8bitLt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["chatglm2", "baichuan", *(pytest.param(name, marks=pytest.mark.slow) for name in
+                                                        ["chatglm", "chatglm3", "moss", "internlm", "internlm2",
+                                                         "baichuan2"])])
 def test_quantization_applies_to_remote_code_models(name, bits, layer, tmp_path):
     import torch
 

@@ -64,8 +64,9 @@ def test_plain_peft_loads_the_adapter_and_generate_reads_the_run(tiny_llama, sam
     assert capsys.readouterr().out == first  # greedy: reproducible
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "prompt", "p_tuning", "prefix", "houlsby",
-                                       "pfeiffer", "parallel"])
+@pytest.mark.parametrize("peft_type", ["lora", "prompt", "houlsby",
+                                       *(pytest.param(peft_type, marks=pytest.mark.slow) for peft_type in
+                                         ["adalora", "ia3", "p_tuning", "prefix", "pfeiffer", "parallel"])])
 def test_every_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_file, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -86,7 +87,8 @@ def test_every_method_trains_saves_and_reloads(peft_type, tiny_llama, sample_fil
     assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
 
 
-@pytest.mark.parametrize("peft_type", ["lora", "adalora", "ia3", "houlsby", "parallel", "prompt", "prefix"])
+@pytest.mark.parametrize("peft_type", ["lora", *(pytest.param(peft_type, marks=pytest.mark.slow) for peft_type in
+                                                ["adalora", "ia3", "houlsby", "parallel", "prompt", "prefix"])])
 def test_adapter_methods_train_on_a_4bit_base(peft_type, tiny_llama_wide, sample_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / peft_type
@@ -122,6 +124,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
 def test_bad_input_gives_one_line_and_nonzero_exit(argv, message, tiny_llama, tmp_path):
     if "--model_name_or_path" not in argv:
@@ -149,6 +152,7 @@ def test_generate_without_adapter_or_model_is_refused(capsys):
     assert "give --lora_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_reads_instructions_from_stdin(tiny_llama, sample_file, tmp_path):
     out = tmp_path / "run"
     assert _train(tiny_llama, sample_file, out, "--max_steps", "1") == 0
@@ -169,6 +173,7 @@ def test_quantized_base_on_the_cpu_trains_and_reloads_quantized(bits, tiny_llama
     assert generate.main(["--lora_dir", str(out), "--instruction", "Name a colour.", "--max_new_tokens", "3"]) == 0
 
 
+@pytest.mark.slow
 def test_wandb_logs_offline_without_a_key_and_never_blocks(tiny_llama, sample_file, tmp_path):
     pytest.importorskip("wandb")
     import os
@@ -200,6 +205,7 @@ def test_small_data_with_the_original_val_set_size_evaluates_instead_of_crashing
     assert state["global_step"] == 9  # ceil(36 / 4)
 
 
+@pytest.mark.slow
 def test_adalora_really_reallocates_the_rank_budget(tiny_llama, sample_file, tmp_path):
     out = tmp_path / "adalora"
     assert _train(tiny_llama, sample_file, out, "--peft_type", "adalora", "--max_steps", "12",

@@ -1,4 +1,4 @@
-"""Instruction data: reading every source format, mixing sources, tokenizing with masked prompts.
+"""Instruction data: the catalog, every source format, mixing sources, tokenizing with masked prompts, packing.
 
 ``python -m alpaca_cot.data`` lists, downloads, converts and validates datasets (see ``commands``).
 """
@@ -15,7 +15,6 @@ from .encoding import (
 from .prepare import (
     DataOptions,
     PreparedData,
-    check_data_args,
     default_cache_dir,
     effective_val_size,
     file_sha256,
@@ -24,7 +23,7 @@ from .prepare import (
 from .records import iter_records, load_records, read_records
 
 __all__ = [
-    "IGNORE_INDEX", "DataOptions", "PreparedData", "check_data_args", "default_cache_dir", "effective_val_size",
+    "IGNORE_INDEX", "DataOptions", "PreparedData", "default_cache_dir", "effective_val_size",
     "encode_conversation", "encode_segments", "file_sha256", "iter_records", "load_records", "prepare_data",
     "read_records", "record_to_messages", "special_prefix_ids", "tokenize_batch", "tokenize_record",
 ]

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArgumentParser, UserError
-from ..files import check_new_file
+from ..files import atomic_path, check_new_file
 from .catalog import HUB_DATASET, data_dir, download_datasets, entry_on_disk, entry_summary, filter_catalog
 from .formats import FORMAT_ALIASES, FORMATS
 from .records import MAX_LISTED_PROBLEMS, iter_records
@@ -95,9 +94,8 @@ def convert(args: argparse.Namespace) -> int:
     check_new_file("convert: OUT", target)
     as_array = target.suffix.lower() == ".json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     written, problems, total = 0, [], 0
-    try:
+    with atomic_path(target) as temporary:  # no half-written OUT, whatever stops the conversion
         with open(temporary, "w", encoding="utf-8") as out:
             out.write("[\n" if as_array else "")
             for result in iter_records(source, args.source_format, args.seed):
@@ -114,9 +112,6 @@ def convert(args: argparse.Namespace) -> int:
             out.write("\n]\n" if as_array else "")
         if written == 0:
             raise UserError(f"convert: {source} holds no usable records")
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     skipped = f"; {len(problems)} malformed records skipped (first: {problems[0]})" if problems else ""
     print(f"{written} records from {total} source records written to {target}{skipped}")
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..files import atomic_path
 from .catalog import DataSource
 from .encoding import IGNORE_INDEX, special_prefix_ids, tokenize_batch
 from .records import MAX_LISTED_PROBLEMS, iter_records
@@ -59,22 +60,6 @@ class DataOptions:
                    num_proc=getattr(args, "preprocessing_num_workers", None),
                    streaming=getattr(args, "streaming", False), cache_dir=Path(cache_dir) if cache_dir else None,
                    data_format=getattr(args, "data_format", None))
-
-
-def check_data_args(args: Any) -> None:
-    """Cross-flag checks of the data flags, before anything is loaded."""
-    problems = []
-    if getattr(args, "streaming", False) and getattr(args, "max_steps", -1) <= 0:
-        problems.append("--streaming needs --max_steps N: a stream has no length, so epochs cannot be counted")
-    workers = getattr(args, "preprocessing_num_workers", None)
-    if workers is not None and workers < 1:
-        problems.append(f"--preprocessing_num_workers must be at least 1 (got {workers})")
-    if getattr(args, "data_format", None):
-        from .formats import get_format
-
-        get_format(args.data_format, "--data_format")
-    if problems:
-        raise UserError("; ".join(problems))
 
 
 @dataclass
@@ -287,67 +272,115 @@ def _cache_damage(error: BaseException) -> str | None:
     return None
 
 
-def _prepare_cached(sources: list[DataSource], tokenizer: Any, template: Any, cutoff_len: int,
-                    val_set_size: int, seed: int, options: DataOptions, cache_dir: Path) -> PreparedData:
-    """``prepare_data`` through the cache folder: read once into Arrow, tokenize once per setting."""
+@dataclass
+class _ReadRecords:
+    """The sources read (from the Arrow cache), screened, deduplicated and sampled; not yet tokenized."""
+
+    records: Any  # datasets.Dataset of the chosen records, sources concatenated
+    manifest: list[dict[str, Any]]
+    selections: list[str]  # per source, a hash of the chosen record indices
+    bad_records: int = 0
+    duplicates: int = 0
+
+
+def _read_source(source: DataSource, options: DataOptions, seed: int, cache_dir: Path) -> tuple[Any, list, int]:
+    """One source's files read and screened: (the usable records, the files' manifest entries, bad records)."""
+    from datasets import concatenate_datasets
+
+    files, pieces, bad = [], [], 0
+    for path in source.files:
+        digest = file_sha256(path)
+        dataset = _read_file(path, digest, options, seed, cache_dir)
+        good, n_bad = _good_indices(dataset, source, options)
+        bad += n_bad
+        files.append({"path": str(path), "sha256": digest, "records": int(len(good)), "bad_records": n_bad})
+        pieces.append(dataset.select(good) if n_bad else dataset)
+    dataset = pieces[0] if len(pieces) == 1 else concatenate_datasets(pieces)
+    if len(dataset) == 0:
+        raise UserError(f"--data {source.name}: no usable records in {', '.join(str(p) for p in source.files)}")
+    return dataset, files, bad
+
+
+def _first_occurrences(dataset: Any, seen: Any) -> tuple[Any, Any]:
+    """(indices of records seen neither earlier in ``dataset`` nor in ``seen``, the hashes seen so far)."""
+    import numpy as np
+
+    hashes = _row_hashes(dataset)
+    _, first = np.unique(hashes, return_index=True)
+    keep = np.zeros(len(dataset), dtype=bool)
+    keep[first] = True
+    if seen is not None:
+        keep &= ~np.isin(hashes, seen)
+    seen = hashes[keep] if seen is None else np.concatenate([seen, hashes[keep]])
+    return np.flatnonzero(keep), seen
+
+
+def _read_records(sources: list[DataSource], options: DataOptions, seed: int, cache_dir: Path) -> _ReadRecords:
+    """Every source read, screened, deduplicated (``--dedup``, across sources too) and sampled to its amount."""
     import numpy as np
     from datasets import concatenate_datasets
 
-    started = time.perf_counter()
-    manifest, parts, selections, seen = [], [], [], None
-    total_bad = total_dups = 0
+    read = _ReadRecords(None, [], [])
+    parts, seen = [], None
     for position, source in enumerate(sources):
-        files, pieces, bad = [], [], 0
-        for path in source.files:
-            digest = file_sha256(path)
-            dataset = _read_file(path, digest, options, seed, cache_dir)
-            good, n_bad = _good_indices(dataset, source, options)
-            bad += n_bad
-            files.append({"path": str(path), "sha256": digest, "records": int(len(good)), "bad_records": n_bad})
-            pieces.append(dataset.select(good) if n_bad else dataset)
-        dataset = pieces[0] if len(pieces) == 1 else concatenate_datasets(pieces)
+        dataset, files, bad = _read_source(source, options, seed, cache_dir)
         available = len(dataset)
-        if available == 0:
-            raise UserError(f"--data {source.name}: no usable records in {', '.join(str(p) for p in source.files)}")
         indices = np.arange(available)
-        duplicates = 0
         if options.dedup:
-            hashes = _row_hashes(dataset)
-            _, first = np.unique(hashes, return_index=True)
-            keep = np.zeros(available, dtype=bool)
-            keep[first] = True
-            if seen is not None:
-                keep &= ~np.isin(hashes, seen)
-            seen = hashes[keep] if seen is None else np.concatenate([seen, hashes[keep]])
-            indices = np.flatnonzero(keep)
-            duplicates = available - len(indices)
-            if duplicates:
-                logger.info("--dedup: %d duplicate records of %s removed", duplicates, source.name)
+            indices, seen = _first_occurrences(dataset, seen)
+        duplicates = available - len(indices)
+        if duplicates:
+            logger.info("--dedup: %d duplicate records of %s removed", duplicates, source.name)
         chosen = _sample(indices, source, seed, position)
         parts.append(dataset if len(chosen) == available else dataset.select(chosen))
-        selections.append(hashlib.sha256(np.ascontiguousarray(chosen).tobytes()).hexdigest())
-        total_bad, total_dups = total_bad + bad, total_dups + duplicates
+        read.selections.append(hashlib.sha256(np.ascontiguousarray(chosen).tobytes()).hexdigest())
+        read.bad_records, read.duplicates = read.bad_records + bad, read.duplicates + duplicates
         entry = {"name": source.name, "path": str(source.files[0]), "sha256": files[0]["sha256"], "files": files,
                  "records_available": available, "records_used": int(len(chosen)), "bad_records_skipped": bad,
                  "duplicates_removed": duplicates, "records": int(len(chosen))}
         if source.fraction is not None or source.count is not None:
             entry["amount"] = source.fraction if source.fraction is not None else source.count
-        manifest.append(entry)
-    records = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    records = records.remove_columns(["error"])
+        read.manifest.append(entry)
+    read.records = (parts[0] if len(parts) == 1 else concatenate_datasets(parts)).remove_columns(["error"])
+    return read
+
+
+def _learnable_train_rows(train: Any, keep_file: Path, cache_hit: bool, cutoff_len: int) -> tuple[Any, int]:
+    """The train set without examples whose response starts after ``cutoff_len``, and how many were dropped."""
+    import numpy as np
+
+    if cache_hit and keep_file.is_file():
+        keep = np.load(keep_file)  # a rerun does not even scan the cached labels
+    else:
+        keep = _learnable_rows(train)
+        with atomic_path(keep_file) as partial, open(partial, "wb") as out:
+            np.save(out, keep)  # to an open file: np.save would add .npy to the temporary name
+    dropped = len(train) - len(keep)
+    if dropped:
+        logger.warning("%d examples dropped: their response starts after --cutoff_len %d", dropped, cutoff_len)
+        train = train.select(keep)
+    if len(train) == 0:
+        raise UserError(f"--cutoff_len {cutoff_len}: no training example keeps any response token; raise it")
+    return train, dropped
+
+
+def _prepare_cached(sources: list[DataSource], tokenizer: Any, template: Any, cutoff_len: int,
+                    val_set_size: int, seed: int, options: DataOptions, cache_dir: Path) -> PreparedData:
+    """``prepare_data`` through the cache folder: read once into Arrow, tokenize once per setting."""
+    import numpy as np
+
+    started = time.perf_counter()
+    read = _read_records(sources, options, seed, cache_dir)
+    records = read.records
     val_size = effective_val_size(val_set_size, len(records))
     if val_size != val_set_size:
         logger.info("--val_set_size %d capped to %d (a tenth of %d records)", val_set_size, val_size, len(records))
     order = np.random.default_rng(seed).permutation(len(records))
     train_rows, val_rows = np.sort(order[val_size:]), np.sort(order[:val_size])
     prefix_ids = special_prefix_ids(tokenizer)
-    key = _fingerprint(_reader_version(), options.data_format, [m["files"] for m in manifest], selections,
-                       options.dedup, seed, val_size, _tokenizer_identity(tokenizer), repr(template), cutoff_len,
-                       prefix_ids)
-
-    def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        return tokenize_batch(batch, tokenizer, template, cutoff_len, prefix_ids)
-
+    key = _fingerprint(_reader_version(), options.data_format, [m["files"] for m in read.manifest],
+                       read.selections, options.dedup, seed, val_size, _tokenizer_identity(tokenizer),
+                       repr(template), cutoff_len, prefix_ids)
     tokenized_dir = cache_dir / "tokenized"
     tokenized_dir.mkdir(parents=True, exist_ok=True)
     read_seconds = time.perf_counter() - started
@@ -356,27 +389,15 @@ def _prepare_cached(sources: list[DataSource], tokenizer: Any, template: Any, cu
         subset = records.select(rows) if len(rows) != len(records) else records
         cache_file = tokenized_dir / f"{key}-{split}.arrow"
         hit = cache_file.is_file() or any(tokenized_dir.glob(f"{key}-{split}_*_of_*.arrow"))
-        mapped = subset.map(tokenize, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=RECORD_COLUMNS,
+        mapped = subset.map(lambda batch: tokenize_batch(batch, tokenizer, template, cutoff_len, prefix_ids),
+                            batched=True, batch_size=TOKENIZE_BATCH, remove_columns=RECORD_COLUMNS,
                             features=_tokenized_features(), num_proc=options.num_proc,
                             cache_file_name=str(cache_file), new_fingerprint=f"{key}-{split}",
                             desc=f"tokenizing {split}")
         return mapped, hit
 
     train, cache_hit = tokenized(train_rows, "train")
-    keep_file = tokenized_dir / f"{key}-train.keep.npy"
-    if cache_hit and keep_file.is_file():
-        keep = np.load(keep_file)  # a rerun does not even scan the cached labels
-    else:
-        keep = _learnable_rows(train)
-        partial = keep_file.with_name(f".{keep_file.name}.{os.getpid()}.tmp.npy")
-        np.save(partial, keep)
-        os.replace(partial, keep_file)
-    dropped = len(train) - len(keep)
-    if dropped:
-        logger.warning("%d examples dropped: their response starts after --cutoff_len %d", dropped, cutoff_len)
-        train = train.select(keep)
-    if len(train) == 0:
-        raise UserError(f"--cutoff_len {cutoff_len}: no training example keeps any response token; raise it")
+    train, dropped = _learnable_train_rows(train, tokenized_dir / f"{key}-train.keep.npy", cache_hit, cutoff_len)
     validation = None
     if val_size > 0:
         validation, _ = tokenized(val_rows, "validation")
@@ -385,12 +406,12 @@ def _prepare_cached(sources: list[DataSource], tokenizer: Any, template: Any, cu
             validation = validation.select(learnable)
     example = _record_of(records[int(train_rows[0])] if len(train_rows) else records[0])
     logger.info("data: %d records from %d source(s)%s; tokenized sets %s", len(records), len(sources),
-                f", {total_bad} malformed skipped" if total_bad else "",
+                f", {read.bad_records} malformed skipped" if read.bad_records else "",
                 "loaded from the cache" if cache_hit else f"cached in {tokenized_dir}")
     stats = {"read_seconds": round(read_seconds, 2),
              "tokenize_seconds": round(time.perf_counter() - started - read_seconds, 2)}
-    return PreparedData(train, validation, manifest, dropped, example, cache_hit=cache_hit, bad_records=total_bad,
-                        duplicates=total_dups, stats=stats)
+    return PreparedData(train, validation, manifest=read.manifest, dropped=dropped, example=example,
+                        cache_hit=cache_hit, bad_records=read.bad_records, duplicates=read.duplicates, stats=stats)
 
 
 def _learnable_rows(dataset: Any) -> Any:

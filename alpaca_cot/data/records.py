@@ -69,70 +69,89 @@ def _first_char(path: Path) -> str:
             raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
+class _JsonArrayReader:
+    """A top-level JSON array decoded item by item from a sliding buffer: memory stays about one chunk."""
+
+    def __init__(self, path: Path, f: Any) -> None:
+        self.path, self.f = path, f
+        self.buffer, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def fill(self) -> bool:
+        """Read the next chunk, dropping what was decoded; False at the end of the file."""
+        chunk = self.f.read(_CHUNK)
+        self.eof = not chunk
+        self.buffer = self.buffer[self.pos:] + chunk
+        self.pos = 0
+        return bool(chunk)
+
+    def skip_space(self) -> None:
+        """Move past whitespace (reading on as needed), counting lines."""
+        while True:
+            match = _SPACE.match(self.buffer, self.pos)
+            self.line += self.buffer.count("\n", self.pos, match.end())
+            self.pos = match.end()
+            if self.pos < len(self.buffer) or not self.fill():
+                return
+
+    def malformed(self, what: str, line: int | None = None) -> UserError:
+        """The one-line error for malformed JSON at ``line`` (default: the current one)."""
+        return UserError(f"{self.path}:{line or self.line}: malformed JSON ({what}); fix that line")
+
+    def open_array(self) -> None:
+        """Move past an optional BOM and the opening bracket."""
+        self.fill()
+        self.skip_space()
+        if self.buffer[self.pos:self.pos + 1] == "\ufeff":
+            self.pos += 1
+            self.skip_space()
+        if self.buffer[self.pos:self.pos + 1] != "[":
+            raise UserError(f"{self.path}: expected a JSON array")
+        self.pos += 1
+
+    def decode_item(self) -> tuple[Any, int]:
+        """The value starting at the current position and where it ends, reading on while it is cut short."""
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buffer, self.pos)
+            except json.JSONDecodeError as exc:
+                if not self.eof:
+                    self.fill()
+                    continue  # the record may continue in the next chunk: decode again
+                raise self.malformed(exc.msg, self.line + self.buffer.count("\n", self.pos, exc.pos)) from exc
+            if end == len(self.buffer) and not self.eof:
+                self.fill()
+                continue  # a number or literal cut at the chunk edge
+            return value, end
+
+    def items(self) -> Iterator[RawRecord]:
+        """Each item of the array with its location (line and index: one-line arrays need the index)."""
+        self.open_array()
+        expect_item, count = True, 0
+        while True:
+            self.skip_space()
+            if self.pos >= len(self.buffer):
+                raise self.malformed("the array is not closed")
+            if self.buffer[self.pos] == "]":
+                if expect_item and count:
+                    raise self.malformed("a ',' before ']'")
+                return
+            if self.buffer[self.pos] == "," and not expect_item:
+                self.pos, expect_item = self.pos + 1, True
+                continue
+            if not expect_item:
+                raise self.malformed("expected ',' between records")
+            value, end = self.decode_item()
+            yield RawRecord(f"{self.path}:{self.line}: record {count}", value)
+            self.line += self.buffer.count("\n", self.pos, end)
+            self.pos, count, expect_item = end, count + 1, False
+            if self.pos > _CHUNK:
+                self.fill()
+
+
 def _iter_json_array(path: Path) -> Iterator[RawRecord]:
     """Items of a top-level JSON array, decoded one at a time from a sliding buffer."""
     with _open_text(path) as f:
-        buffer, pos, line, eof = "", 0, 1, False
-
-        def fill() -> bool:
-            nonlocal buffer, pos, eof
-            chunk = f.read(_CHUNK)
-            eof = not chunk
-            buffer = buffer[pos:] + chunk  # drop what was decoded: memory stays about one chunk
-            pos = 0
-            return bool(chunk)
-
-        def skip_space() -> None:
-            nonlocal pos, line
-            while True:
-                match = _SPACE.match(buffer, pos)
-                line += buffer.count("\n", pos, match.end())
-                pos = match.end()
-                if pos < len(buffer) or not fill():
-                    return
-
-        fill()
-        skip_space()
-        if buffer[pos:pos + 1] == "\ufeff":
-            pos += 1
-            skip_space()
-        if buffer[pos:pos + 1] != "[":
-            raise UserError(f"{path}: expected a JSON array")
-        pos += 1
-        expect_item, items = True, 0
-        while True:
-            skip_space()
-            if pos >= len(buffer):
-                raise UserError(f"{path}:{line}: malformed JSON (the array is not closed); fix that line")
-            if buffer[pos] == "]":
-                if expect_item and items:
-                    raise UserError(f"{path}:{line}: malformed JSON (a ',' before ']'); fix that line")
-                return
-            if buffer[pos] == "," and not expect_item:
-                pos += 1
-                expect_item = True
-                continue
-            if not expect_item:
-                raise UserError(f"{path}:{line}: malformed JSON (expected ',' between records); fix that line")
-            while True:
-                try:
-                    value, end = _DECODER.raw_decode(buffer, pos)
-                except json.JSONDecodeError as exc:
-                    if not eof:
-                        fill()
-                        continue  # the record may continue in the next chunk: decode again
-                    where = line + buffer.count("\n", pos, exc.pos)
-                    raise UserError(f"{path}:{where}: malformed JSON ({exc.msg}); fix that line") from exc
-                if end == len(buffer) and not eof:
-                    fill()
-                    continue  # a number or literal cut at the chunk edge
-                break
-            yield RawRecord(f"{path}:{line}: record {items}", value)  # one-line arrays need the index
-            line += buffer.count("\n", pos, end)
-            pos, items = end, items + 1
-            if pos > _CHUNK:
-                fill()
-            expect_item = False
+        yield from _JsonArrayReader(path, f).items()
 
 
 def _iter_json_lines(path: Path) -> Iterator[RawRecord]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..files import read_complete_lines
+from ..files import append_jsonl, read_done
 from ..registry import build_registry
 
 logger = logging.getLogger(__name__)
@@ -121,15 +120,9 @@ class JudgeClient:
 
     @staticmethod
     def _read_cache(path: Path) -> dict[str, str]:
-        cache: dict[str, str] = {}
-        # A torn last line is cut off the file, so the next reply is not appended onto it.
-        for line in read_complete_lines(path):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line spoiled by hand: that request is simply made again
-            cache[entry["key"]] = entry["reply"]
-        return cache
+        # A torn last line is cut off the file, so the next reply is not appended onto it; a line spoiled
+        # by hand is skipped (flag None): that request is simply made again.
+        return {entry["key"]: entry["reply"] for entry in read_done(path, None)}
 
     def _request_body(self, prompt: str) -> dict[str, Any]:
         return {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
@@ -147,11 +140,7 @@ class JudgeClient:
         reply = self._post_with_retries(body)
         self.requests += 1
         self.cache[key] = reply
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # paid for: never lost to a crash
+        append_jsonl(self.cache_path, [{"key": key, "reply": reply}])  # synced: paid for, never lost to a crash
         return reply
 
     def _post_with_retries(self, body: dict[str, Any]) -> str:

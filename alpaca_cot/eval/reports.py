@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def _pyplot() -> Any:
 
 
 def _save(figure: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Save ``figure`` to ``path`` in the format its suffix names (PNG without one), never half-written."""
+    with atomic_path(path) as temporary:  # its name ends in .tmp: the format is given explicitly
+        figure.savefig(temporary, dpi=110, bbox_inches="tight", format=path.suffix[1:] or "png")
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float | None], path: Path, title: str, ylabel: str,

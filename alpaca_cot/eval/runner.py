@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..files import check_new_folder, read_complete_lines, write_json_atomic
+from ..files import (
+    JsonlAppender,
+    check_new_folder,
+    parse_json_lines,
+    read_complete_lines,
+    write_json_atomic,
+    write_text_atomic,
+)
 from ..infer.loading import LoadedModel
 from .reports import bar_chart, markdown_table
 from .tasks import TASKS, EvalItem, EvalOptions, EvalTask
@@ -49,11 +55,8 @@ class EvalRun:
 def read_finished(result_path: Path, items: list[EvalItem]) -> int:
     """Number of complete result lines matching ``items``; a torn last line is cut off."""
     lines = read_complete_lines(result_path)
-    for number, line in enumerate(lines[:len(items)]):  # lines past a smaller --limit are kept, not checked
-        try:
-            done = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--output_dir: {result_path}:{number + 1} is not JSON; move the file away") from exc
+    # lines past a smaller --limit are kept, not checked
+    for number, done in enumerate(parse_json_lines(lines[:len(items)], result_path, "--output_dir")):
         if done.get("id") != items[number].id or done.get("question") != items[number].instruction:
             raise UserError(f"--output_dir: {result_path} holds results of other data (line {number + 1}); "
                             "choose a new --output_dir")
@@ -77,8 +80,9 @@ def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def summarize(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Overall and per-category metric (accuracy, or mean judge score over parsed replies)."""
-    key = "correct" if task.metric == "accuracy" else "score"
+    """Overall and per-category metric: the mean of the row's ``result_key`` (accuracy, or the mean judge score
+    over parsed replies), with the rows left out counted under its ``unscored`` name where it has one."""
+    key = task.result_key
 
     def metric(rows: list[dict[str, Any]]) -> tuple[float | None, int]:
         values = [float(r[key]) for r in rows if r.get(key) is not None]
@@ -89,14 +93,14 @@ def summarize(task: EvalTask, results: list[dict[str, Any]]) -> dict[str, Any]:
         categories.setdefault(row["category"], []).append(row)
     summary: dict[str, Any] = {"task": task.name, "metric": task.metric, "records": len(results)}
     summary[task.metric], unscored = metric(results)
-    if task.metric == "score":
-        summary["unparsed_judge_replies"] = unscored
+    if task.unscored:
+        summary[task.unscored] = unscored
     summary["categories"] = {}
     for name in sorted(categories):
         value, missing = metric(categories[name])
         summary["categories"][name] = {"records": len(categories[name]), task.metric: value}
-        if task.metric == "score":
-            summary["categories"][name]["unparsed_judge_replies"] = missing
+        if task.unscored:
+            summary["categories"][name][task.unscored] = missing
     return summary
 
 
@@ -109,9 +113,7 @@ def write_summary(output_dir: Path, summary: dict[str, Any], title: str) -> str:
     if summary.get("unparsed_judge_replies"):
         text += f"\n{summary['unparsed_judge_replies']} judge replies stated no score and are left out of the mean.\n"
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
-    tmp = output_dir / f".{SUMMARY_MARKDOWN}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, output_dir / SUMMARY_MARKDOWN)
+    write_text_atomic(output_dir / SUMMARY_MARKDOWN, text)
     names = list(summary["categories"])
     bar_chart(names, [summary["categories"][n][metric] for n in names], output_dir / CHART_FILE, title,
               metric, counts=[summary["categories"][n]["records"] for n in names])
@@ -121,12 +123,14 @@ def write_summary(output_dir: Path, summary: dict[str, Any], title: str) -> str:
 def load_items(task_name: str, data: Path, limit: int | None = None, generate: bool = False) -> list[EvalItem]:
     """The task's records from ``data`` (the first ``limit`` of them).
 
-    Choice questions with several right letters need ``generate``: one letter's likelihood cannot pick a set.
+    Scored by likelihood (no ``generate`` where the task allows it), questions with several right letters are left
+    out: one letter's likelihood cannot pick a set.
     """
     if not data.exists():
         raise UserError(f"--data: {data} does not exist")
-    items = TASKS[task_name].load(data)
-    if task_name == "choice" and not generate:
+    task = TASKS[task_name]
+    items = task.load(data)
+    if not task.generating(generate):
         single = [item for item in items if len(item.reference) == 1]
         if len(single) < len(items):
             logger.info("%d questions with several right options left out (they need --generate)",
@@ -151,16 +155,13 @@ def evaluate_items(loaded: LoadedModel, task_name: str, items: list[EvalItem], o
     was_training = loaded.model.training
     loaded.model.eval()
     try:
-        with open(result_path, "a", encoding="utf-8") as out:
+        with JsonlAppender(result_path) as out:
             for start in range(done, len(items), options.batch_size):
                 batch = items[start:start + options.batch_size]
                 scored = task.score(loaded, batch, options)
-                lines = [json.dumps({"id": item.id, "category": item.category, "question": item.instruction,
-                                     "input": item.input, "reference": item.reference, **result, **item.extra},
-                                    ensure_ascii=False) + "\n" for item, result in zip(batch, scored)]
-                out.write("".join(lines))
-                out.flush()
-                os.fsync(out.fileno())  # a finished batch survives a crash
+                out.write({"id": item.id, "category": item.category, "question": item.instruction,
+                           "input": item.input, "reference": item.reference, **result, **item.extra}
+                          for item, result in zip(batch, scored))  # synced: a finished batch survives a crash
                 evaluated += len(batch)
                 bar.update(len(batch))
     finally:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import Problems
 from ..errors import ArgumentParser, UserError, did_you_mean
 from ..files import write_json_atomic
 
@@ -71,11 +72,9 @@ def _listed(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def load_study(path: Path, output_dir: str | None = None) -> Study:
-    """Read and check a grid file; every problem is reported at once, naming the file and key."""
+def _read_grid_file(path: Path) -> dict[str, Any]:
+    """The grid file's mapping; a missing file, bad YAML or another shape is one line."""
     import yaml
-
-    from .tasks import TASKS
 
     try:
         grid_file = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -85,44 +84,76 @@ def load_study(path: Path, output_dir: str | None = None) -> Study:
         raise UserError(f"study: {path} is not valid YAML ({exc})") from exc
     if not isinstance(grid_file, dict):
         raise UserError(f"study: {path} must be a mapping with grid, budget, train and eval")
-    problems = [f"unknown key {k!r}{did_you_mean(str(k), GRID_KEYS)}" for k in grid_file if k not in GRID_KEYS]
-    grid = grid_file.get("grid") or {}
-    problems += [f"grid: unknown dimension {k!r}{did_you_mean(str(k), GRID_DIMENSIONS)}"
-                 for k in grid if k not in GRID_DIMENSIONS]
+    return grid_file
+
+
+def _check_keys(grid_file: dict[str, Any], problems: Problems) -> int | None:
+    """Unknown keys and dimensions, the step budget, and flags the grid sets itself; returns the budget."""
+    for key in grid_file:
+        if key not in GRID_KEYS:
+            problems.add(f"unknown key {key!r}{did_you_mean(str(key), GRID_KEYS)}")
+    for key in grid_file.get("grid") or {}:
+        if key not in GRID_DIMENSIONS:
+            problems.add(f"grid: unknown dimension {key!r}{did_you_mean(str(key), GRID_DIMENSIONS)}")
     budget = grid_file.get("budget") or {}
     steps = budget.get("max_steps") if isinstance(budget, dict) else None
     if not isinstance(steps, int) or steps < 1:
-        problems.append("budget: give max_steps, the optimizer steps every cell trains for (e.g. budget: "
-                        "{max_steps: 40})")
-    train = dict(grid_file.get("train") or {})
-    if set(train) & (GRID_DIMENSIONS | {"max_steps", "output_dir"}):
-        problems.append("train: model_name_or_path, peft_type, data, max_steps and output_dir are set by grid "
-                        "and budget")
+        problems.add("budget: give max_steps, the optimizer steps every cell trains for (e.g. budget: "
+                     "{max_steps: 40})")
+    if set(grid_file.get("train") or {}) & (GRID_DIMENSIONS | {"max_steps", "output_dir"}):
+        problems.add("train: model_name_or_path, peft_type, data, max_steps and output_dir are set by grid "
+                     "and budget")
+    return steps
+
+
+def _mixtures(grid: dict[str, Any], problems: Problems) -> dict[str, list[Any]]:
+    """``grid: data``: named mixtures, or lists named after their files."""
     mixtures = grid.get("data")
     if isinstance(mixtures, dict):
         mixtures = {str(name): _listed(datasets) for name, datasets in mixtures.items()}
     elif mixtures is not None:
         mixtures = {"+".join(Path(str(d)).stem for d in _listed(m)): _listed(m) for m in _listed(mixtures)}
     if not mixtures:
-        problems.append("grid: data needs at least one mixture (a list of dataset names / files, or name: list)")
-        mixtures = {}
-    models = [str(m) for m in _listed(grid.get("model_name_or_path", "smollm2-135m-instruct"))]
-    methods = [str(m) for m in _listed(grid.get("peft_type", "lora"))]
-    cues = [str(c or "") for c in _listed(grid.get("cot_cue", ""))]
+        problems.add("grid: data needs at least one mixture (a list of dataset names / files, or name: list)")
+    return mixtures or {}
+
+
+def _check_evals(grid_file: dict[str, Any], problems: Problems) -> list[dict[str, Any]]:
+    """The ``eval`` entries: known keys, a task a study can run, an existing data file; each gets a name."""
+    from .tasks import TASKS
+
     evals = [dict(e) for e in _listed(grid_file.get("eval") or []) if isinstance(e, dict)]
     for number, spec in enumerate(evals):
         where = f"eval[{number}]"
-        problems += [f"{where}: unknown key {k!r}{did_you_mean(str(k), EVAL_KEYS)}" for k in spec if k not in EVAL_KEYS]
-        if spec.get("task") == "judge":  # a study has no judge endpoint flags
-            problems.append(f"{where}: the judge task runs through evaluate.py")
-        elif spec.get("task") not in TASKS:
-            problems.append(f"{where}: task must be one of {', '.join(t for t in TASKS if t != 'judge')}")
+        for key in spec:
+            if key not in EVAL_KEYS:
+                problems.add(f"{where}: unknown key {key!r}{did_you_mean(str(key), EVAL_KEYS)}")
+        task = TASKS.get(spec["task"]) if isinstance(spec.get("task"), str) else None
+        if task is not None and not task.in_study:  # a study has no judge endpoint flags
+            problems.add(f"{where}: the {task.name} task runs through evaluate.py")
+        elif task is None:
+            problems.add(f"{where}: task must be one of {', '.join(t.name for t in TASKS.values() if t.in_study)}")
         if not spec.get("data") or not Path(str(spec["data"])).exists():
-            problems.append(f"{where}: data file {spec.get('data')!r} does not exist")
+            problems.add(f"{where}: data file {spec.get('data')!r} does not exist")
         spec.setdefault("name", f"{spec.get('task')}-{Path(str(spec.get('data'))).stem}")
+    return evals
+
+
+def load_study(path: Path, output_dir: str | None = None) -> Study:
+    """Read and check a grid file; every problem is reported at once, naming the file and key."""
+    grid_file = _read_grid_file(path)
+    problems = Problems()
+    steps = _check_keys(grid_file, problems)
+    grid, train = grid_file.get("grid") or {}, dict(grid_file.get("train") or {})
+    mixtures = _mixtures(grid, problems)
+    models = [str(m) for m in _listed(grid.get("model_name_or_path", "smollm2-135m-instruct"))]
+    methods = [str(m) for m in _listed(grid.get("peft_type", "lora"))]
+    cues = [str(c or "") for c in _listed(grid.get("cot_cue", ""))]
+    evals = _check_evals(grid_file, problems)
     peft_settings = grid_file.get("peft_settings") or {}
-    problems += [f"peft_settings: {k!r} is not a --peft_type of the grid ({', '.join(methods)})"
-                 for k in peft_settings if k not in methods]
+    for key in peft_settings:
+        if key not in methods:
+            problems.add(f"peft_settings: {key!r} is not a --peft_type of the grid ({', '.join(methods)})")
     root = Path(output_dir or grid_file.get("output_dir") or Path("studies") / path.stem)
 
     cells = []
@@ -135,10 +166,9 @@ def load_study(path: Path, output_dir: str | None = None) -> Study:
         try:  # the checks of uniform_finetune.py --config, before anything trains
             parse_cell_args(cell, path)
         except UserError as exc:
-            problems.append(f"cell {name}: {exc}")
+            problems.add(f"cell {name}: {exc}")
         cells.append(cell)
-    if problems:
-        raise UserError(f"study {path}: " + "; ".join(dict.fromkeys(problems)))
+    problems.raise_if_any(f"study {path}: ")
     return Study(path, root, cells, cues, evals)
 
 
@@ -215,7 +245,7 @@ def evaluate_cell(cell: Cell, study: Study) -> dict[str, dict[str, Any]]:
     from ..infer.generation import build_generation_config
     from ..infer.loading import load_for_inference
     from .runner import evaluate_items, load_items
-    from .tasks import EvalOptions
+    from .tasks import TASKS, EvalOptions
 
     if not study.evals:
         return {cue: {} for cue in study.cues}
@@ -225,7 +255,8 @@ def evaluate_cell(cell: Cell, study: Study) -> dict[str, dict[str, Any]]:
         for spec in study.evals:
             items = load_items(spec["task"], Path(spec["data"]), spec.get("limit"), bool(spec.get("generate")))
             config = build_generation_config(loaded, "greedy", max_new_tokens=spec.get("max_new_tokens", 128))
-            cues = study.cues if spec["task"] == "math" else [""]
+            task = TASKS[spec["task"]]
+            cues = study.cues if task.takes_cue else [""]
             for cue in cues:
                 options = EvalOptions(config, bool(spec.get("generate")), cue, spec.get("batch_size", 8))
                 settings = {"task": spec["task"], "data": str(Path(spec["data"]).resolve()), "model": cell.name,
@@ -235,7 +266,7 @@ def evaluate_cell(cell: Cell, study: Study) -> dict[str, dict[str, Any]]:
                 title = f"{spec['name']}: {cell.name}" + (f" + {cue!r}" if cue else "")
                 run = evaluate_items(loaded, spec["task"], items, folder, options, settings, title)
                 value = run.summary[run.summary["metric"]]
-                for row_cue in (study.cues if spec["task"] != "math" else [cue]):
+                for row_cue in ([cue] if task.takes_cue else study.cues):
                     metrics[row_cue][spec["name"]] = value
     finally:
         del loaded
@@ -246,14 +277,16 @@ def evaluate_cell(cell: Cell, study: Study) -> dict[str, dict[str, Any]]:
 def run_cell(cell: Cell, study: Study) -> dict[str, Any]:
     """Train (or resume) one cell, evaluate it, and write its ``cell.json``."""
     from ..run_folder import find_last_checkpoint
+    from ..train.plan import plan_run
     from ..train.recipe import run_finetune
 
     checkpoint = find_last_checkpoint(cell.folder / "run")
     if checkpoint is not None:
         logger.info("%s: resuming from %s", cell.name, checkpoint)
     args = parse_cell_args(cell, study.path, ["--resume_from_checkpoint", str(checkpoint)] if checkpoint else [])
+    plan = plan_run(args)
     with PeakMemory() as memory:
-        summary = run_finetune(args)
+        summary = run_finetune(plan)
     gc.collect()
     metrics = evaluate_cell(cell, study)
     seconds = summary.get("train_seconds") or 0.0
@@ -282,6 +315,17 @@ def finished_result(cell: Cell) -> dict[str, Any] | None:
     return result
 
 
+def _metric_names() -> str:
+    """What the study's metric columns hold, per metric the tasks it runs: "accuracy (choice, math)"."""
+    from .tasks import TASKS
+
+    tasks: dict[str, list[str]] = {}
+    for task in TASKS.values():
+        if task.in_study:
+            tasks.setdefault(task.metric, []).append(task.name)
+    return "; ".join(f"{metric} ({', '.join(names)})" for metric, names in tasks.items())
+
+
 def write_report(study: Study, results: list[dict[str, Any]]) -> str:
     """``report.md`` / ``report.json`` plus ``loss_curves.png`` and ``metrics.png`` in the study folder."""
     from .reports import grouped_bar_chart, line_chart, markdown_table
@@ -300,7 +344,7 @@ def write_report(study: Study, results: list[dict[str, Any]]) -> str:
     steps = results[0]["flags"]["max_steps"] if results else 0
     memory_kind = results[0]["memory_kind"] if results else ""
     text = (f"# Study {study.path.name}\n\nBudget: {steps} optimizer steps per cell. Peak memory: {memory_kind}. "
-            f"Metrics: accuracy (choice, math).\n\n" + markdown_table(headers, rows)
+            f"Metrics: {_metric_names()}.\n\n" + markdown_table(headers, rows)
             + "\n![loss curves](loss_curves.png)\n" + ("![metrics](metrics.png)\n" if eval_names else ""))
     study.output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(study.output_dir / "report.json", {"grid": str(study.path), "cells": results})

@@ -317,21 +317,38 @@ def score_judged(loaded: LoadedModel, items: list[EvalItem], options: EvalOption
 
 @dataclass(frozen=True)
 class EvalTask:
-    """A benchmark kind: how to read its files, how to score a batch, and what its metric is called."""
+    """A benchmark kind: how to read its files, how to score a batch, what its metric is called, and which of
+    ``evaluate.py``'s task-only flags it reads (the callers read these fields, never the task's name)."""
 
     name: str
     load: Callable[[Path], list[EvalItem]]
     score: Callable[[LoadedModel, list[EvalItem], EvalOptions], list[dict[str, Any]]]
-    metric: str  # "accuracy": mean of "correct"; "score": mean of "score" (unparsed judge replies left out)
+    metric: str  # the summary's name for the mean: "accuracy" (of "correct") or "score"
     description: str
+    result_key: str = "correct"  # the result field the metric averages (rows where it is None are left out)
+    unscored: str | None = None  # the summary's count of rows left out of the mean (judge replies without a score)
+    generates: bool = True  # always scored on generated answers; False: by likelihood, or generated with --generate
+    takes_cue: bool = False  # --cot_cue: a chain-of-thought cue appended to each question
+    needs_judge: bool = False  # scored by a judge model: needs --judge_url, which a study does not have
+
+    def generating(self, generate: bool) -> bool:
+        """Whether answers are generated (else option likelihoods compared), given ``--generate``."""
+        return self.generates or generate
+
+    @property
+    def in_study(self) -> bool:
+        """Whether the study (``python -m alpaca_cot.eval.study``) can run it: it has no judge endpoint flags."""
+        return not self.needs_judge
 
 
 TASKS: dict[str, EvalTask] = build_registry(
     "evaluation task",
     EvalTask("choice", load_choice_items, score_choice, "accuracy",
-             "multiple choice: MMCU, GAOKAO-Bench objective questions, CSV/JSON of question, options, answer"),
+             "multiple choice: MMCU, GAOKAO-Bench objective questions, CSV/JSON of question, options, answer",
+             generates=False),
     EvalTask("math", load_math_items, score_math, "accuracy",
-             "exact match of the final number (GSM8K '####' or 'The answer is N' outputs)"),
+             "exact match of the final number (GSM8K '####' or 'The answer is N' outputs)", takes_cue=True),
     EvalTask("judge", load_judge_items, score_judged, "score",
-             "Belle-eval: answers scored 0-1 by a judge model behind an OpenAI-compatible endpoint"),
+             "Belle-eval: answers scored 0-1 by a judge model behind an OpenAI-compatible endpoint",
+             result_key="score", unscored="unparsed_judge_replies", needs_judge=True),
 )

@@ -6,34 +6,24 @@ import logging
 from typing import Any
 
 from ..data import encode_conversation, special_prefix_ids
+from ..presets import DEFAULT_PRESET, GENERATION_PRESETS, generation_overrides
 from ..templates import Message
 from .loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 
-GENERATION_PRESETS: dict[str, dict[str, Any]] = {
-    # Reproducible answers: the default of every script.
-    "greedy": {"do_sample": False, "num_beams": 1, "max_new_tokens": 256, "repetition_penalty": 1.0},
-    # What the 2023 generate.py used.
-    "original": {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 40, "num_beams": 4,
-                 "no_repeat_ngram_size": 6, "repetition_penalty": 1.8, "max_new_tokens": 512},
-}
+def generation_config_from_args(loaded: LoadedModel, args: Any, **overrides: Any) -> Any:
+    """``build_generation_config`` from ``--preset`` and the generation flags (``presets.GENERATION_FLAGS``, as
+    ``cli.add_generation_arguments`` declares them); ``overrides`` win over the flags."""
+    return build_generation_config(loaded, args.preset, **{**generation_overrides(args), **overrides})
 
 
-def generation_config_from_args(loaded: LoadedModel, args: Any) -> Any:
-    """``build_generation_config`` from the flags of ``cli.add_generation_arguments``."""
-    return build_generation_config(
-        loaded, args.preset, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size)
-
-
-def build_generation_config(loaded: LoadedModel, preset: str = "greedy", **overrides: Any) -> Any:
+def build_generation_config(loaded: LoadedModel, preset: str = DEFAULT_PRESET, **overrides: Any) -> Any:
     """A ``GenerationConfig`` from a preset plus explicit overrides (``None`` values ignored)."""
     from transformers import GenerationConfig
 
-    settings = dict(GENERATION_PRESETS[preset])
+    settings = dict(GENERATION_PRESETS[preset].settings)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if "temperature" in overrides and overrides["temperature"] is not None:
         settings["do_sample"] = overrides["temperature"] > 0

@@ -111,10 +111,10 @@ def _adapter_mismatch(lora_dir: str, base: str, model: Any, error: Exception) ->
 
 def load_from_args(args: Any) -> LoadedModel:
     """``load_for_inference`` from the flags of ``cli.add_model_arguments``."""
-    from ..cli import check_generation_args
+    from ..checks import check_generation_flags
 
     if args.lora_dir is None and args.model_name_or_path is None:
         raise UserError("give --lora_dir (a trained adapter) or --model_name_or_path (a base model)")
-    check_generation_args(args)  # before the model loads: a typo costs no loading time
+    check_generation_flags(args)  # before the model loads: a typo costs no loading time
     return load_for_inference(args.lora_dir, args.model_name_or_path, args.model_type, args.template,
                               args.trust_remote_code)

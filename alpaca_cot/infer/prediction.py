@@ -7,9 +7,7 @@ keeps every complete line, drops a torn last one, and continues after it.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from typing import Any
 
 from ..data import load_records, read_records, record_to_messages
 from ..errors import UserError
-from ..files import check_writable_location, read_complete_lines
+from ..files import JsonlAppender, check_writable_location, read_done
 from .generation import generate_batch, prompt_ids
 from .loading import LoadedModel
 
@@ -41,16 +39,12 @@ class PredictionStats:
 
 def count_finished(result_path: Path, records: list[dict[str, Any]]) -> int:
     """Number of complete result lines that match the input; a torn last line is cut off."""
-    lines = read_complete_lines(result_path)
-    for number, line in enumerate(lines):
-        try:
-            done = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--result_dir: {result_path}:{number + 1} is not JSON; move the file away") from exc
+    finished = read_done(result_path, "--result_dir")
+    for number, done in enumerate(finished):
         if number >= len(records) or done.get("instruction") != records[number].get("instruction"):
             raise UserError(f"--result_dir: {result_path} holds results of other data (line {number + 1}); "
                             "choose a new --result_dir")
-    return len(lines)
+    return len(finished)
 
 
 def predict_file(
@@ -73,7 +67,7 @@ def predict_file(
     result_path.parent.mkdir(parents=True, exist_ok=True)
     started, written = time.time(), 0
     bar = tqdm(total=len(records), initial=done, desc="predicting", disable=not sys.stderr.isatty())
-    with open(result_path, "a", encoding="utf-8") as out:
+    with JsonlAppender(result_path) as out:
         for start in range(done, len(records), batch_size):
             batch = records[start:start + batch_size]
             prompts = []
@@ -82,11 +76,7 @@ def predict_file(
                 ids = prompt_ids(loaded, messages[:-1], input_text)
                 prompts.append(ids[-cutoff_len:])  # keep the end: the question is what must be answered
             answers = generate_batch(loaded, prompts, generation_config, batch_size=len(batch))
-            lines = [json.dumps({**raw[start + i], "generate": text}, ensure_ascii=False) + "\n"
-                     for i, text in enumerate(answers)]
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())  # a finished batch survives a crash
+            out.write({**raw[start + i], "generate": text} for i, text in enumerate(answers))  # synced
             written += len(batch)
             bar.update(len(batch))
     bar.close()

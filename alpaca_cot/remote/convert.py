@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..embedded import cache_dir
 from ..errors import UserError
+from ..files import atomic_folder
 from .fixes import NativeConversion
 
 if TYPE_CHECKING:  # the registry imports this package: no import at run time
@@ -121,19 +120,10 @@ def converted_checkpoint(model_path: str, family: ModelFamily, conversion: Nativ
     logger.info("converting %s (%s) once to native %s in %s", model_path, family.name, conversion.architecture,
                 target)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:  # another process finishing the same copy first is kept
         _convert_weights(source, staging, conversion, config)
         _copy_tokenizer_files(source, staging)
         native = {**conversion.config(config), CONVERTED_FROM: {
             "family": family.name, "source": str(model_path), "architecture": conversion.architecture}}
         (staging / "config.json").write_text(json.dumps(native, indent=2), encoding="utf-8")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # another process finished the same copy first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

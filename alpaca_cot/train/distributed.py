@@ -3,16 +3,14 @@
 ``torchrun`` (or the original's ``python -m torch.distributed.launch``) starts one
 process per device and tells each its rank through the environment; the Trainer
 then trains data-parallel. This module holds what the recipe needs around that:
-who the main process is, which combinations of ``--deepspeed`` / ``--fsdp`` /
-quantization are supported (refused in one line before any model is loaded), a
-clear message instead of a traceback when another process dies, and checkpoint
-commits: a checkpoint counts only once every process has finished writing it.
+who the main process is, the process group, the Trainer's ``--deepspeed`` / ``--fsdp``
+settings (which combinations are refused is ``alpaca_cot.checks``' job), and a clear
+message instead of a traceback when another process dies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -23,14 +21,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from ..checks import resolve_deepspeed_config
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-# Quantized bases DeepSpeed ZeRO-3 and FSDP cannot shard: bitsandbytes packs the weights into
-# integer tensors that these engines would have to flatten and split across ranks.
-_SHARDING_REFUSES_QUANTIZATION = "shards the base weights, which cannot be 4/8-bit here"
 
 
 def world_size() -> int:
@@ -63,93 +58,6 @@ def silence_other_ranks() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def resolve_deepspeed_config(value: str) -> Path:
-    """``--deepspeed``: a JSON file, or the name of a shipped config (``zero2``, ``zero3``, ``zero3_offload``)."""
-    path = Path(value)
-    if not path.is_file() and (DEEPSPEED_CONFIGS / f"{value}.json").is_file():
-        path = DEEPSPEED_CONFIGS / f"{value}.json"
-    return path
-
-
-def shipped_deepspeed_configs() -> list[str]:
-    """Names of the DeepSpeed configs in ``configs/deepspeed``."""
-    return sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
-
-
-def _read_deepspeed_config(value: str, problems: list[str]) -> dict[str, Any] | None:
-    path = resolve_deepspeed_config(value)
-    if not path.is_file():
-        problems.append(f"--deepspeed: {value} is neither a file nor a shipped config "
-                        f"({', '.join(shipped_deepspeed_configs())})")
-        return None
-    return _check_json_object(path, "--deepspeed", problems)
-
-
-def _check_json_object(path: str | Path, flag: str, problems: list[str]) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None with the problem (missing, bad JSON and its line) noted."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        problems.append(f"{flag}: {path} does not exist")
-        return None
-    except json.JSONDecodeError as exc:
-        problems.append(f"{flag}: {path}:{exc.lineno} is not valid JSON ({exc.msg})")
-        return None
-    if not isinstance(config, dict):
-        problems.append(f"{flag}: {path} must hold a JSON object")
-        return None
-    return config
-
-
-def zero_stage(config: dict[str, Any]) -> int:
-    """The ZeRO stage a DeepSpeed config asks for (0 when it has none)."""
-    return int(config.get("zero_optimization", {}).get("stage", 0))
-
-
-def check_parallel_setup(args: Namespace, method: Any, cuda_available: bool) -> None:
-    """Refuse unsupported --deepspeed / --fsdp combinations, all in one line, before any model is loaded.
-
-    ``method`` is the ``--peft_type`` row; ``args.quantization_bit`` already holds what it implies
-    (``qlora`` means 4).
-    """
-    problems: list[str] = []
-    deepspeed, fsdp = getattr(args, "deepspeed", None), getattr(args, "fsdp", False)
-    if getattr(args, "ddp_timeout", 1) < 1:
-        problems.append(f"--ddp_timeout must be at least 1 second (got {args.ddp_timeout})")
-    if deepspeed and fsdp:
-        problems.append("--deepspeed and --fsdp are two ways of sharding the same model: pass one of them")
-    if getattr(args, "fsdp_config", None) and not fsdp:
-        problems.append("--fsdp_config needs --fsdp")
-    if deepspeed:
-        config = _read_deepspeed_config(deepspeed, problems)
-        if importlib.util.find_spec("deepspeed") is None:
-            problems.append("--deepspeed needs the deepspeed package: `pip install deepspeed` (on a CUDA machine)")
-        if not cuda_available:
-            problems.append("--deepspeed needs CUDA GPUs; on CPUs run data-parallel with torchrun alone")
-        if config is not None:
-            stage = zero_stage(config)
-            if stage == 3 and args.quantization_bit:
-                problems.append(f"--deepspeed ZeRO-3 {_SHARDING_REFUSES_QUANTIZATION} (--peft_type {method.name}, "
-                                f"{args.quantization_bit}-bit): use ZeRO-2 (--deepspeed zero2) or plain torchrun")
-            if "optimizer" in config and args.loraplus_lr_ratio is not None:
-                problems.append(f"--loraplus_lr_ratio builds its own optimizer, but {deepspeed} defines one: "
-                                "use a config without an \"optimizer\" section (zero2, zero3)")
-    if fsdp:
-        if not cuda_available:
-            problems.append("--fsdp needs CUDA GPUs (accelerate runs FSDP on accelerators only; on CPUs it would "
-                            "silently fall back to DDP): on CPUs run data-parallel with torchrun alone")
-        elif world_size() == 1:
-            problems.append("--fsdp shards the model across processes: start the run with "
-                            "torchrun --nproc_per_node N uniform_finetune.py ... (N = GPUs, 1 is fine)")
-        if args.quantization_bit:
-            problems.append(f"--fsdp {_SHARDING_REFUSES_QUANTIZATION} (--peft_type {method.name}, "
-                            f"{args.quantization_bit}-bit): use plain torchrun (DDP) or --deepspeed zero2")
-        if getattr(args, "fsdp_config", None):
-            _check_json_object(args.fsdp_config, "--fsdp_config", problems)
-    if problems:
-        raise UserError("; ".join(problems))
 
 
 def parallel_training_arguments(args: Namespace) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import pytest
 from alpaca_cot.data import (
     IGNORE_INDEX,
     DataOptions,
-    check_data_args,
     effective_val_size,
     load_records,
     prepare_data,
@@ -227,14 +226,15 @@ def test_streaming_reads_lazily_with_the_same_columns(tiny_tokenizer, tmp_path):
 
 
 def test_streaming_needs_max_steps():
+    from alpaca_cot.checks import check_data_flags
     from alpaca_cot.cli import build_finetune_parser
 
     args = build_finetune_parser().parse_args(["--data", "demo", "--streaming"])
     with pytest.raises(UserError, match="--streaming needs --max_steps N"):
-        check_data_args(args)
+        check_data_flags(args)
     args = build_finetune_parser().parse_args(["--data", "demo", "--data_format", "sharegtp"])
     with pytest.raises(UserError, match="--data_format: unknown format 'sharegtp'"):
-        check_data_args(args)
+        check_data_flags(args)
 
 
 def test_training_on_a_mixture_records_what_was_used(tiny_llama, tmp_path):

@@ -156,6 +156,7 @@ def test_convert_stops_at_a_bad_record_unless_told_to_skip(tmp_path, capsys):
     assert "1 records from 3 source records" in capsys.readouterr().out and len(out.read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 @needs_shared_data
 def test_every_real_format_trains_in_one_mixture(tiny_llama, tmp_path):
     from tests.conftest import train_tiny

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -12,8 +13,11 @@ import time
 import pytest
 
 import evaluate
+from alpaca_cot.checks import check_evaluate_flags
+from alpaca_cot.errors import UserError
 from alpaca_cot.eval.judge import build_judge_prompt, parse_score
-from alpaca_cot.eval.tasks import parse_choice, with_cue
+from alpaca_cot.eval.runner import summarize
+from alpaca_cot.eval.tasks import TASKS, parse_choice, with_cue
 from tests.conftest import ROOT, SHARED_DATA, needs_embedded_model, needs_shared_data
 
 MMCU = [
@@ -190,6 +194,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_embedded_model
 def test_judge_scores_through_a_real_openai_compatible_server(tiny_run, tmp_path, capsys):
     pytest.importorskip("gradio")
@@ -238,3 +243,63 @@ def test_judge_cache_cuts_a_torn_last_line_so_the_next_reply_is_kept(tmp_path):
     with open(cache, "a") as f:  # what complete() does after paying for a reply
         f.write(json.dumps({"key": "k3", "reply": "Score: 0"}) + "\n")
     assert JudgeClient("http://127.0.0.1:9", "judge", cache).cache == {"k1": "Score: 1", "k3": "Score: 0"}
+
+
+# ---------------------------------------------------------------- the task table: every row's flags as it says
+
+def _task_args(task, *extra):
+    return evaluate.build_parser().parse_args(["--task", task.name, "--data", "x.json", "--output_dir", "e", *extra])
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=list(TASKS))
+def test_each_task_takes_or_refuses_the_task_only_flags_as_its_row_says(task):
+    judge = ["--judge_url", "http://127.0.0.1:9/v1"] if task.needs_judge else []
+    check_evaluate_flags(_task_args(task, *judge), TASKS)  # the row's own flags alone are fine
+    for flags, applies in ((["--generate"], not task.generates), (["--cot_cue", "Think first."], task.takes_cue)):
+        args = _task_args(task, *judge, *flags)
+        if applies:
+            check_evaluate_flags(args, TASKS)
+        else:
+            with pytest.raises(UserError, match=f"^{flags[0]} applies to --task "):
+                check_evaluate_flags(args, TASKS)
+    if task.needs_judge:
+        with pytest.raises(UserError, match=f"^--task {task.name} needs --judge_url"):
+            check_evaluate_flags(_task_args(task), TASKS)
+
+
+def test_task_flag_messages_name_the_rows_that_take_each_flag():
+    math = TASKS["math"]
+    with pytest.raises(UserError) as refused:
+        check_evaluate_flags(_task_args(math, "--generate", "--limit", "0"), TASKS)
+    assert str(refused.value) == ("--limit must be at least 1 (got 0); "
+                                  "--generate applies to --task choice (math and judge always generate)")
+    with pytest.raises(UserError, match=r"^--cot_cue applies to --task math$"):
+        check_evaluate_flags(_task_args(TASKS["choice"], "--cot_cue", "x"), TASKS)
+    with pytest.raises(UserError, match=r"^--task judge needs --judge_url \(an OpenAI-compatible endpoint\)$"):
+        check_evaluate_flags(_task_args(TASKS["judge"]), TASKS)
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=list(TASKS))
+def test_each_task_summarises_its_result_key_under_its_metric_name(task):
+    results = [{"category": "a", task.result_key: 1}, {"category": "a", task.result_key: 0},
+               {"category": "b", task.result_key: None}]
+    summary = summarize(task, results)
+    assert summary["metric"] == task.metric and summary[task.metric] == 0.5 and summary["records"] == 3
+    assert summary["categories"]["a"][task.metric] == 0.5 and summary["categories"]["b"][task.metric] is None
+    if task.unscored:
+        assert summary[task.unscored] == 1 and summary["categories"]["b"][task.unscored] == 1
+    else:
+        assert set(summary) == {"task", "metric", "records", task.metric, "categories"}
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=list(TASKS))
+def test_the_help_names_the_tasks_each_flag_applies_to(task, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapped inside a description
+    with pytest.raises(SystemExit):
+        evaluate.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    named = rf"\b{task.name}\b[\w/]*"  # help texts join the names of the rows a flag applies to: "a/b: ..."
+    assert f"{task.name}: {task.description}" in text  # --task's help lists every row
+    assert bool(re.search(f"{named}: generate an answer", text)) is not task.generates
+    assert bool(re.search(f"{named}: appended to each instruction", text)) is task.takes_cue
+    assert bool(re.search(rf"judge \(task {named}\)", text)) is task.needs_judge

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 import yaml
 
+from alpaca_cot.errors import UserError
 from alpaca_cot.eval import study
 from alpaca_cot.eval.study import load_study
+from alpaca_cot.eval.tasks import TASKS
 from tests.conftest import ROOT, SAMPLE_RECORDS
 
 MATH = [{"instruction": "Add the numbers.", "input": f"{a} and {b}", "output": f"The answer is {a + b}."}
@@ -36,6 +40,7 @@ def _grid(tmp_path, tiny_llama, **changes):
     return path
 
 
+@pytest.mark.slow
 def test_grid_trains_every_cell_reports_and_skips_finished_cells_on_rerun(tiny_llama, tmp_path, capsys):
     grid = _grid(tmp_path, tiny_llama)
     assert study.main([str(grid)]) == 0
@@ -94,3 +99,23 @@ def test_a_judge_eval_is_refused_before_training(tiny_llama, tmp_path, capsys):
     assert study.main([str(grid)]) == 2
     assert "eval[0]: the judge task runs through evaluate.py" in capsys.readouterr().err
     assert not list(tmp_path.glob("study/**/adapter_config.json"))  # nothing trained
+
+
+@pytest.mark.parametrize("task", list(TASKS.values()), ids=list(TASKS))
+def test_the_study_takes_the_tasks_whose_rows_it_can_run(task, tiny_llama, tmp_path):
+    data = tmp_path / "records.json"
+    data.write_text("[]")
+    grid = _grid(tmp_path, tiny_llama, eval=[{"task": task.name, "data": str(data)}])
+    if task.in_study:
+        assert [spec["task"] for spec in load_study(grid).evals] == [task.name]
+    else:
+        with pytest.raises(UserError, match=rf"eval\[0\]: the {task.name} task runs through evaluate.py"):
+            load_study(grid)
+
+
+def test_an_unknown_study_task_is_told_the_rows_the_study_runs(tiny_llama, tmp_path):
+    grid = _grid(tmp_path, tiny_llama, eval=[{"task": "mcq", "data": str(tmp_path)}])
+    with pytest.raises(UserError) as refused:
+        load_study(grid)
+    named = re.search(r"eval\[0\]: task must be one of ([\w, ]+?)(;|$)", str(refused.value)).group(1)
+    assert named.split(", ") == [name for name, task in TASKS.items() if task.in_study]

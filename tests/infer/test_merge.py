@@ -21,7 +21,9 @@ LINEAR_METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", LINEAR_METHODS)
+@pytest.mark.parametrize("method", [pytest.param(method, marks=pytest.mark.slow)
+                                    if method in ("dora", "rslora", "adalora") else method
+                                    for method in LINEAR_METHODS])
 def test_merged_model_matches_base_plus_adapter(method, tiny_llama, sample_file, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +72,7 @@ def test_existing_output_folder_is_never_overwritten(tiny_llama, sample_file, tm
     assert (merged / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_merged_model_can_be_fine_tuned_again(tiny_llama, sample_file, tmp_path):
     run, merged, again = tmp_path / "run", tmp_path / "merged", tmp_path / "again"
     assert train_tiny(tiny_llama, sample_file, run, "--max_steps", "1") == 0

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import predict
 from tests.conftest import ROOT
 
@@ -55,6 +57,7 @@ def test_torn_last_line_is_dropped_and_work_continues(tiny_run, tmp_path):
     assert resumed.read_text() == straight.read_text()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_repeating_records(tiny_run, tmp_path):
     records = _questions(tmp_path / "q.jsonl", 300)
     out = tmp_path / "out.jsonl"

@@ -4,6 +4,7 @@ The figures in docs/api.md come from ``python benchmarks/api_load.py`` run alone
 same code and only checks that nothing fails (its timings share the CPU with pytest).
 """
 
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,7 +13,9 @@ from benchmarks import api_load
 from benchmarks.api_load import started_server
 
 openai = pytest.importorskip("openai")
-pytest.importorskip("gradio")
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed"),
+              pytest.mark.slow]  # every test here runs subprocesses for 10-20 s: `-m "not slow"` leaves them out
 
 KEY = "load-test-key"
 

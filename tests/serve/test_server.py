@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from alpaca_cot.infer.generation import build_generation_config, prompt_ids
 from alpaca_cot.infer.loading import load_for_inference
 from alpaca_cot.serve.chat import ChatSession, fit_history
@@ -36,6 +38,7 @@ def test_oldest_exchanges_are_trimmed_to_fit(tiny_run):
     assert "last question" in loaded.tokenizer.decode(ids)
 
 
+@pytest.mark.slow
 def test_scripted_session_through_a_pipe(tiny_run):
     result = subprocess.run(
         [sys.executable, "server.py", "--lora_dir", str(tiny_run), "--max_new_tokens", "4"], cwd=ROOT,
@@ -46,6 +49,7 @@ def test_scripted_session_through_a_pipe(tiny_run):
     assert lines.index("(history cleared)") >= 1  # the first answer came before it
 
 
+@pytest.mark.slow
 def test_beam_search_cannot_stream(tiny_run):
     result = subprocess.run([sys.executable, "server.py", "--lora_dir", str(tiny_run), "--num_beams", "4"],
                             cwd=ROOT, input="hi\n", capture_output=True, text=True, timeout=300)

@@ -1,5 +1,6 @@
 """web.py: the real server in a subprocess, driven by the official openai client, plain HTTP and Chromium."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ import pytest
 from benchmarks.api_load import started_server
 from tests.conftest import ROOT
 
-pytest.importorskip("gradio")
+# The servers run as subprocesses: checking for gradio here spares the quick run its 4 s import.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,7 @@ def _openai_error(body, kind="invalid_request_error"):
             and body["error"]["type"] == kind and body["error"]["message"])
 
 
+@pytest.mark.slow
 def test_binds_to_loopback_only(server):
     from pathlib import Path
 
@@ -73,6 +76,7 @@ def test_binds_to_loopback_only(server):
     assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1 only, not 0.0.0.0
 
 
+@pytest.mark.slow
 def test_openai_client_plain_and_streaming(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
@@ -86,12 +90,14 @@ def test_openai_client_plain_and_streaming(server):
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
 
 
+@pytest.mark.slow
 def test_max_tokens_is_capped(server):
     status, body = _post(f"{server}/v1/chat/completions",
                          {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10_000})
     assert status == 200 and body["usage"]["completion_tokens"] <= 16
 
 
+@pytest.mark.slow
 def test_bad_requests_get_openai_style_errors(server):
     status, body = _post(f"{server}/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]})
     assert status == 400 and "user turn" in body["error"]["message"]
@@ -100,6 +106,7 @@ def test_bad_requests_get_openai_style_errors(server):
     assert status == 400 and "this server accepts at most" in body["error"]["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, named", [
     ({"max_tokens": "lots"}, "'max_tokens' must be an integer"),
     ({"max_tokens": 0}, "'max_tokens' must be >= 1"),
@@ -117,6 +124,7 @@ def test_invalid_fields_are_refused_by_name_openai_style(server, extra, named):
     assert body["error"]["message"].startswith(named), body
 
 
+@pytest.mark.slow
 def test_malformed_json_gets_an_openai_error_not_a_validation_dump(server):
     request = urllib.request.Request(f"{server}/v1/chat/completions", b'{"messages": [',
                                      {"content-type": "application/json"})
@@ -128,6 +136,7 @@ def test_malformed_json_gets_an_openai_error_not_a_validation_dump(server):
                                                          "code": None}}
 
 
+@pytest.mark.slow
 def test_models_endpoint_lists_the_served_model(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
@@ -135,6 +144,7 @@ def test_models_endpoint_lists_the_served_model(server):
     assert model.id == "run" and model.owned_by == "alpaca-cot"
 
 
+@pytest.mark.slow
 def test_original_api(server):
     status, body = _post(server + "/", {"prompt": "Name a colour."})
     assert status == 200 and body["status"] == 200 and isinstance(body["response"], str)
@@ -143,6 +153,7 @@ def test_original_api(server):
     assert status == 400
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_requests_are_all_answered(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=300)
@@ -160,6 +171,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver are not installed")
 def test_chat_page_in_headless_chromium(server):
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -213,6 +225,7 @@ def test_a_taken_port_is_one_line_naming_the_flag_before_loading(tmp_path, capsy
     assert capsys.readouterr().err.strip() == "error: --port must be between 1 and 65535 (got 70000)"
 
 
+@pytest.mark.slow
 def test_completions_plain_and_streaming_continue_the_raw_prompt(server, tiny_tokenizer):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
@@ -229,6 +242,7 @@ def test_completions_plain_and_streaming_continue_the_raw_prompt(server, tiny_to
     assert status == 200 and body["choices"][0]["text"] == reply.choices[0].text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, named", [
     ({"echo": True}, "'echo' is not supported"),
     ({"logprobs": 2}, "'logprobs' is not supported"),
@@ -247,6 +261,7 @@ def test_completion_fields_we_do_not_honour_are_refused_by_name(server, extra, n
     assert status == 400 and _openai_error(body) and body["error"]["message"].startswith(named), body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, path, body, status", [
     ("GET", "/v1/nope", None, 404),
     ("POST", "/v1/chat", {"messages": []}, 404),
@@ -263,6 +278,7 @@ def test_every_invalid_request_gets_an_openai_shaped_error(server, method, path,
     assert got == status and _openai_error(answer), answer
 
 
+@pytest.mark.slow
 def test_every_api_route_needs_the_key(keyed_server):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat),
@@ -276,6 +292,7 @@ def test_every_api_route_needs_the_key(keyed_server):
     assert status == 200 and answer["status"] == 200
 
 
+@pytest.mark.slow
 def test_the_openai_client_with_the_key_and_with_a_wrong_one(keyed_server):
     openai = pytest.importorskip("openai")
     [model] = openai.OpenAI(base_url=f"{keyed_server}/v1", api_key=KEY).models.list().data
@@ -284,6 +301,7 @@ def test_the_openai_client_with_the_key_and_with_a_wrong_one(keyed_server):
         openai.OpenAI(base_url=f"{keyed_server}/v1", api_key="wrong-key", max_retries=0).models.list()
 
 
+@pytest.mark.slow
 def test_a_512_token_model_answers_with_the_default_cap_of_512(keyed_server):
     """The prompt budget is the context minus the request's own answer, not minus the server's cap."""
     openai = pytest.importorskip("openai")
@@ -299,6 +317,7 @@ def test_a_512_token_model_answers_with_the_default_cap_of_512(keyed_server):
     assert "this server accepts at most 12 here" in message and "context is 512 tokens and 500 are kept" in message
 
 
+@pytest.mark.slow
 def test_the_page_asks_for_the_key_as_password(keyed_server):
     status, _, _ = _request(keyed_server + "/config", method="GET")
     assert status == 401
@@ -347,6 +366,7 @@ def _content_length(reply: bytes) -> int:
     return 1 << 30
 
 
+@pytest.mark.slow
 def test_a_body_over_the_limit_is_413_before_it_is_parsed(keyed_server):
     auth = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
     # Content-Length alone decides: the body is never sent, and the answer comes anyway.

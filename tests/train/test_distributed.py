@@ -26,10 +26,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alpaca_cot.checks import DEEPSPEED_CONFIGS, zero_stage
 from alpaca_cot.cli import build_finetune_parser
 from alpaca_cot.methods import get_method
 from alpaca_cot.run_folder import CHECKPOINT_COMPLETE, find_last_checkpoint, prune_checkpoints
-from alpaca_cot.train.distributed import DEEPSPEED_CONFIGS, zero_stage
 from tests.conftest import ROOT
 
 SCRIPT = str(ROOT / "uniform_finetune.py")
@@ -111,6 +111,7 @@ def reference_run(tiny_llama, data_file, tmp_path_factory) -> Path:
     return work / "run"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tiny_llama, data_file, reference_run, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -131,6 +132,7 @@ def test_torchrun_two_processes_match_one_process(tiny_llama, data_file, referen
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_ends_with_the_same_adapter(tiny_llama, data_file, reference_run, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, SCRIPT, *_flags(tiny_llama, data_file, out)]
@@ -200,6 +202,7 @@ def _long_run(model: Path, data: Path, out: Path, timeout_s: int) -> list[str]:
             "--ddp_timeout", str(timeout_s), *_collation_off()]
 
 
+@pytest.mark.slow
 def test_a_node_that_dies_ends_the_other_with_a_message(tiny_llama, data_file, tmp_path):
     """The README's two-node command on one machine; node 1 is killed, node 0 must stop by itself."""
     port = str(_free_port())
@@ -228,6 +231,7 @@ def test_a_node_that_dies_ends_the_other_with_a_message(tiny_llama, data_file, t
     assert elapsed < 60, f"node 0 took {elapsed:.0f} s to stop"
 
 
+@pytest.mark.slow
 def test_a_stuck_rank_times_out_after_ddp_timeout(tiny_llama, data_file, tmp_path):
     """The original's launcher; rank 1 freezes (SIGSTOP): rank 0 gives up after --ddp_timeout, not 30 min."""
     import psutil
@@ -340,23 +344,24 @@ def test_unsupported_combinations_are_refused_in_one_line(flags, expected, tiny_
 
 
 def test_cuda_only_engines_say_what_they_need_on_a_cpu():
+    from alpaca_cot.checks import check_parallel_flags
     from alpaca_cot.errors import UserError
-    from alpaca_cot.train.distributed import check_parallel_setup
 
     args = Namespace(deepspeed="zero2", fsdp=False, fsdp_config=None, ddp_timeout=1800, quantization_bit=None,
                      loraplus_lr_ratio=None)
     with pytest.raises(UserError) as refused:
-        check_parallel_setup(args, get_method("lora"), cuda_available=False)
+        check_parallel_flags(args, get_method("lora"), cuda_available=False)
     assert "--deepspeed needs CUDA GPUs" in str(refused.value)
     if importlib.util.find_spec("deepspeed") is None:
         assert "`pip install deepspeed`" in str(refused.value)
     args.deepspeed, args.fsdp = None, True
     with pytest.raises(UserError, match="--fsdp needs CUDA GPUs"):
-        check_parallel_setup(args, get_method("lora"), cuda_available=False)
+        check_parallel_flags(args, get_method("lora"), cuda_available=False)
     with pytest.raises(UserError, match="start the run with torchrun"):
-        check_parallel_setup(args, get_method("lora"), cuda_available=True)  # not under torchrun
+        check_parallel_flags(args, get_method("lora"), cuda_available=True)  # not under torchrun
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 1,
                     reason="FSDP and DeepSpeed need CUDA: accelerate runs FSDP on accelerators only (on CPUs the "
                            "Trainer would fall back to DDP), and DeepSpeed's ZeRO kernels are CUDA builds")

@@ -259,6 +259,7 @@ def test_a_stream_steps_at_its_end_as_a_sized_epoch_does(tiny_llama):
         torch.testing.assert_close(streamed[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_smoke(tiny_llama, tmp_path):
     """Both recipes run end to end on a tiny model and the JSON has the documented shape (no timing asserted)."""
     import json

@@ -27,6 +27,8 @@ from alpaca_cot.train.resume import ADALORA_STATE, STREAM_POSITION
 from tests.conftest import ROOT
 from tests.train.test_distributed import _env
 
+pytestmark = pytest.mark.slow  # every test here runs subprocesses for 10-20 s: `-m "not slow"` leaves them out
+
 SCRIPT = str(ROOT / "uniform_finetune.py")
 ADAPTER_ATOL = 1e-6  # measured: 0.0 (bit for bit) in every mode on this machine
 LOSS_RTOL = 1e-5

@@ -13,11 +13,13 @@ check_peft_version()  # before anything of peft is imported: an old peft fails w
 
 from .config import BottleneckConfig  # noqa: E402
 from .layer import BottleneckLayer  # noqa: E402
-from .model import DEFAULT_TARGETS, BottleneckModel  # noqa: E402
+from .model import BottleneckModel  # noqa: E402
 from .registration import BOTTLENECK, register_method  # noqa: E402
+from .tables import DEFAULT_TARGETS, INIT_SCHEMES, NON_LINEARITIES, PLACEMENTS, Placement, placement_of  # noqa: E402
 
-__all__ = ["BOTTLENECK", "DEFAULT_TARGETS", "MIN_PEFT_VERSION", "BottleneckConfig", "BottleneckLayer",
-           "BottleneckModel", "IncompatiblePeftError"]
+__all__ = ["BOTTLENECK", "DEFAULT_TARGETS", "INIT_SCHEMES", "MIN_PEFT_VERSION", "NON_LINEARITIES", "PLACEMENTS",
+           "BottleneckConfig", "BottleneckLayer", "BottleneckModel", "IncompatiblePeftError", "Placement",
+           "placement_of"]
 __version__ = "0.1.0"
 
 register_method("bottleneck", BottleneckConfig, BottleneckModel)

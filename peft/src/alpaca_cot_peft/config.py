@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 
 from .registration import BOTTLENECK
-
-NON_LINEARITIES = ("tanh", "relu", "gelu", "silu", "sigmoid")
+from .tables import INIT_SCHEMES, NON_LINEARITIES
 
 
 @dataclass
@@ -49,8 +48,8 @@ class BottleneckConfig(PeftConfig):
             problems.append(f"scaling must be a number or 'learned' (got {self.scaling!r})")
         if self.bias not in ("none", "adapter_only"):
             problems.append(f"bias must be 'none' or 'adapter_only' (got {self.bias!r})")
-        if self.init_weights not in ("mam_adapter", "bert"):
-            problems.append(f"init_weights must be 'mam_adapter' or 'bert' (got {self.init_weights!r})")
+        if self.init_weights not in INIT_SCHEMES:
+            problems.append(f"init_weights must be {' or '.join(map(repr, INIT_SCHEMES))} (got {self.init_weights!r})")
         if problems:
             raise ValueError("BottleneckConfig: " + "; ".join(problems))
         if isinstance(self.target_modules, list):

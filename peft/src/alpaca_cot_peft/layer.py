@@ -17,8 +17,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import BottleneckConfig
+from .tables import NON_LINEARITIES
 
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid}
+ACTIVATIONS = {name: getattr(nn, cls) for name, cls in NON_LINEARITIES.items()}
 PLACEMENTS = ("input", "output", "parallel")
 
 
@@ -103,13 +104,21 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
         return f"bottleneck.{super().__repr__()[:-1]}  placements({placements})\n)"
 
 
+def _mam_adapter(down: nn.Linear, up: nn.Linear) -> None:
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+    nn.init.zeros_(up.weight)  # a fresh adapter leaves the model's output unchanged
+
+
+def _bert(down: nn.Linear, up: nn.Linear) -> None:
+    nn.init.normal_(down.weight, std=0.02)
+    nn.init.normal_(up.weight, std=0.02)
+
+
+INITIALISERS = {"mam_adapter": _mam_adapter, "bert": _bert}  # one per row of tables.INIT_SCHEMES
+
+
 def _initialise(down: nn.Linear, up: nn.Linear, scheme: str) -> None:
-    if scheme == "mam_adapter":
-        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        nn.init.zeros_(up.weight)  # a fresh adapter leaves the model's output unchanged
-    else:  # "bert"
-        nn.init.normal_(down.weight, std=0.02)
-        nn.init.normal_(up.weight, std=0.02)
+    INITIALISERS[scheme](down, up)
     for layer in (down, up):
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)

@@ -10,15 +10,7 @@ from torch import nn
 
 from .config import BottleneckConfig
 from .layer import BottleneckLayer
-
-# Default placements when ``target_modules`` is not given (the fork's): sequential adapters on the
-# MLP, input side on its first projections; parallel adapters on the attention projections.
-DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
-    "llama": {"sequential": ["gate_proj", "up_proj", "down_proj"], "input_side": ["gate_proj", "up_proj"],
-              "pfeiffer": ["down_proj"], "parallel": ["q_proj", "k_proj", "v_proj"]},
-    "bloom": {"sequential": ["dense_h_to_4h", "dense_4h_to_h"], "input_side": ["dense_h_to_4h"],
-              "pfeiffer": ["dense_4h_to_h"], "parallel": ["query_key_value"]},
-}
+from .tables import DEFAULT_TARGETS, placement_of
 
 
 def _short_name(key: str) -> str:
@@ -38,12 +30,9 @@ class BottleneckModel(BaseTuner):
             if rows is None:
                 raise ValueError("BottleneckConfig: give target_modules; no default for model_type "
                                  f"{model_config.get('model_type')!r}")
-            if peft_config.use_parallel_adapter:
-                peft_config.target_modules = set(rows["parallel"])
-            elif peft_config.use_adapterp:
-                peft_config.target_modules = set(rows["pfeiffer"])
-            else:
-                peft_config.target_modules = set(rows["sequential"])
+            placement = placement_of(peft_config)
+            peft_config.target_modules = set(rows[placement.targets])
+            if placement.input_side:
                 peft_config.input_side_modules = list(rows["input_side"])
         return peft_config
 
