@@ -1,7 +1,7 @@
 """The battery of user mistakes: every script, every kind of mistake, one table.
 
-Each row runs a script's ``main`` on a mistake and asserts what the README promises: exit 2, exactly one
-``error:`` line, no traceback, and that the line names the file, record or flag at fault. The README's count of
+Each row runs a script's ``main`` on a mistake and asserts what docs/mistakes.md promises: exit 2, exactly one
+``error:`` line, no traceback, and that the line names the file, record or flag at fault. docs/mistakes.md's count of
 tested mistakes is ``len(MISTAKES)`` plus the cases that need their own set-up at the end of this file.
 """
 

@@ -204,7 +204,7 @@ def _long_run(model: Path, data: Path, out: Path, timeout_s: int) -> list[str]:
 
 @pytest.mark.slow
 def test_a_node_that_dies_ends_the_other_with_a_message(tiny_llama, data_file, tmp_path):
-    """The README's two-node command on one machine; node 1 is killed, node 0 must stop by itself."""
+    """docs/distributed.md's two-node command on one machine; node 1 is killed, node 0 must stop by itself."""
     port = str(_free_port())
     nodes, logs = [], []
     for node in (0, 1):
