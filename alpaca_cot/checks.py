@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UserError
+from .presets import GENERATION_FLAGS
 
 T = TypeVar("T")
 
@@ -88,8 +89,7 @@ TRAINING_BOUNDS = (
 )
 # Generation flags of every inference script, and the serving caps of web.py.
 GENERATION_BOUNDS = (
-    Bound("max_new_tokens", 1), Bound("temperature", 0), Bound("top_p", 0, inclusive=False), Bound("top_k", 0),
-    Bound("num_beams", 1), Bound("repetition_penalty", 0, inclusive=False), Bound("no_repeat_ngram_size", 0),
+    *(Bound(flag.name, flag.lowest, flag.lowest_allowed) for flag in GENERATION_FLAGS.values()),
     Bound("max_context", 1), Bound("max_new_tokens_cap", 1), Bound("max_prompt_tokens", 1),
 )
 PREDICT_BOUNDS = (Bound("predict_batch_size", 1), Bound("cutoff_len", 1))

@@ -40,18 +40,20 @@ class GenerationFlag:
 
     name: str  # also the GenerationConfig keyword it sets
     type: type
+    lowest: float  # the smallest value allowed (checks.GENERATION_BOUNDS)
+    lowest_allowed: bool = True  # whether ``lowest`` itself is allowed
     help: str | None = None
 
 
 GENERATION_FLAGS: dict[str, GenerationFlag] = build_registry(
     "generation flag",
-    GenerationFlag("max_new_tokens", int),
-    GenerationFlag("temperature", float, "> 0 samples; 0 is greedy"),
-    GenerationFlag("top_p", float),
-    GenerationFlag("top_k", int),
-    GenerationFlag("num_beams", int),
-    GenerationFlag("repetition_penalty", float),
-    GenerationFlag("no_repeat_ngram_size", int),
+    GenerationFlag("max_new_tokens", int, 1),
+    GenerationFlag("temperature", float, 0, help="> 0 samples; 0 is greedy"),
+    GenerationFlag("top_p", float, 0, lowest_allowed=False),  # and at most 1
+    GenerationFlag("top_k", int, 0),
+    GenerationFlag("num_beams", int, 1),
+    GenerationFlag("repetition_penalty", float, 0, lowest_allowed=False),
+    GenerationFlag("no_repeat_ngram_size", int, 0),
 )
 
 
