@@ -33,15 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from alpaca_cot.errors import UserError
+        from alpaca_cot.checks import check_predict_flags
         from alpaca_cot.infer.generation import generation_config_from_args
         from alpaca_cot.infer.loading import load_from_args
         from alpaca_cot.infer.prediction import predict_file
 
-        if args.predict_batch_size < 1 or args.cutoff_len < 1:
-            raise UserError("--predict_batch_size and --cutoff_len must be at least 1")
-        if not Path(args.data).is_file():
-            raise UserError(f"--data: file {args.data} does not exist")
+        check_predict_flags(args)  # before the model loads
         loaded = load_from_args(args)
         stats = predict_file(loaded, Path(args.data), Path(args.result_dir), generation_config_from_args(loaded, args),
                              args.predict_batch_size, args.cutoff_len)

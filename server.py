@@ -44,15 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from alpaca_cot.errors import UserError
+        from alpaca_cot.checks import check_streaming_flags
         from alpaca_cot.infer.generation import generation_config_from_args
         from alpaca_cot.infer.loading import load_from_args
         from alpaca_cot.serve.chat import ChatSession
 
+        check_streaming_flags(args)  # before the model loads
         loaded = load_from_args(args)
         config = generation_config_from_args(loaded, args)
-        if config.num_beams and config.num_beams > 1:
-            raise UserError("--num_beams: answers are streamed token by token, which needs --num_beams 1")
         session = ChatSession(loaded, config, args.max_context)
         interactive = sys.stdin.isatty()
         if interactive:

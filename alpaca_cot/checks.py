@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import json
 import os
 from argparse import Namespace
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UserError
-from .presets import GENERATION_FLAGS
+from .presets import GENERATION_FLAGS, GENERATION_PRESETS
 
 T = TypeVar("T")
 
@@ -92,6 +93,7 @@ GENERATION_BOUNDS = (
     *(Bound(flag.name, flag.lowest, flag.lowest_allowed) for flag in GENERATION_FLAGS.values()),
     Bound("max_context", 1), Bound("max_new_tokens_cap", 1), Bound("max_prompt_tokens", 1),
 )
+WEB_BOUNDS = (Bound("max_request_bytes", 1), Bound("max_queue", 0))
 PREDICT_BOUNDS = (Bound("predict_batch_size", 1), Bound("cutoff_len", 1))
 EVALUATE_BOUNDS = (Bound("limit", 1), Bound("eval_batch_size", 1), Bound("cutoff_len", 1),
                    Bound("judge_retries", 0), Bound("judge_max_tokens", 1))
@@ -110,6 +112,42 @@ def check_generation_flags(args: Namespace, problems: Problems | None = None) ->
         check_bounds(args, GENERATION_BOUNDS, found)
         if getattr(args, "top_p", None) is not None and args.top_p > 1:
             found.add(f"--top_p must be at most 1 (got {args.top_p})")
+
+
+def check_streaming_flags(args: Namespace) -> None:
+    """``server.py`` streams answers token by token: beam search (from ``--num_beams`` or the preset) cannot."""
+    beams = args.num_beams if args.num_beams is not None else GENERATION_PRESETS[args.preset].settings.get("num_beams")
+    if beams and beams > 1:
+        raise UserError("--num_beams: answers are streamed token by token, which needs --num_beams 1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name, or "" (every address)
+        return False
+
+
+def check_web_flags(options: Any) -> None:
+    """``web.py``: an API reachable off this machine (``--host``, ``--share``) needs a key; limits; the port."""
+    with collecting(None) as found:
+        key = options.api_key
+        if key is not None and (not key or not key.isascii() or not key.isprintable() or " " in key):
+            found.add("--api_key (or ALPACA_COT_API_KEY) must be printable ASCII without spaces: it travels in an "
+                      "HTTP header")
+        elif not key:
+            if not is_loopback(options.host):
+                found.add(f"--host {options.host} exposes the API to the network: set --api_key (or "
+                          "ALPACA_COT_API_KEY)")
+            if options.share:
+                found.add("--share exposes the page and the API through a public link: set --api_key (or "
+                          "ALPACA_COT_API_KEY)")
+        check_bounds(options, WEB_BOUNDS, found)
+        if not 1 <= options.port <= 65535:
+            found.add(f"--port must be between 1 and 65535 (got {options.port})")
 
 
 def check_predict_flags(args: Namespace) -> None:

@@ -13,7 +13,6 @@ bounded line for the model. Every refusal is an OpenAI-shaped error, never a tra
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import signal
@@ -35,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
+from ..checks import check_web_flags
 from ..errors import UserError
 from ..templates import Message
 from .engine import Completion, Engine, Ticket, Unavailable, messages_from_openai
@@ -467,41 +467,17 @@ class ServerOptions:
     max_queue: int = 32
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name, or "" (every address)
-        return False
-
-
 def check_server_options(options: ServerOptions) -> None:
-    """Refuse, before anything loads, an API exposed without a key, bad limits and a port that is taken."""
-    key = options.api_key
-    if key is not None and (not key or not key.isascii() or not key.isprintable() or " " in key):
-        raise UserError("--api_key (or ALPACA_COT_API_KEY) must be printable ASCII without spaces: it travels in "
-                        "an HTTP header")
-    if not key and not is_loopback(options.host):
-        raise UserError(f"--host {options.host} exposes the API to the network: set --api_key (or "
-                        "ALPACA_COT_API_KEY)")
-    if not key and options.share:
-        raise UserError("--share exposes the page and the API through a public link: set --api_key (or "
-                        "ALPACA_COT_API_KEY)")
-    if options.max_request_bytes < 1:
-        raise UserError(f"--max_request_bytes must be >= 1 (got {options.max_request_bytes})")
-    if options.max_queue < 0:
-        raise UserError(f"--max_queue must be >= 0 (got {options.max_queue})")
+    """Refuse, before anything loads, an API exposed without a key, bad limits (``checks.check_web_flags``, all
+    at once) and a port that is taken."""
+    check_web_flags(options)
     check_port_free(options.host, options.port)
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Refuse a ``--port`` out of range or already taken on ``host``, naming the flag (before anything loads)."""
+    """Refuse a ``--port`` already taken on ``host``, naming the flag (before anything loads)."""
     import socket
 
-    if not 1 <= port <= 65535:
-        raise UserError(f"--port must be between 1 and 65535 (got {port})")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no owner

@@ -49,6 +49,15 @@ def test_scripted_session_through_a_pipe(tiny_run):
     assert lines.index("(history cleared)") >= 1  # the first answer came before it
 
 
+@pytest.mark.parametrize("flags", [["--num_beams", "4"], ["--preset", "original"]])
+def test_beam_search_is_refused_before_the_model_loads(flags, tmp_path, capsys):
+    import server
+
+    assert server.main(["--model_name_or_path", str(tmp_path / "never-loaded"), *flags]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --num_beams: answers are streamed token by token, which "
+                                               "needs --num_beams 1")
+
+
 @pytest.mark.slow
 def test_beam_search_cannot_stream(tiny_run):
     result = subprocess.run([sys.executable, "server.py", "--lora_dir", str(tiny_run), "--num_beams", "4"],

@@ -404,7 +404,7 @@ def test_an_exposed_host_without_a_key_is_refused_in_one_line_before_loading(tmp
     ("example.org", False),
 ])
 def test_loopback_addresses(host, loopback):
-    from alpaca_cot.serve.webapp import is_loopback
+    from alpaca_cot.checks import is_loopback
 
     assert is_loopback(host) is loopback
 
@@ -421,10 +421,22 @@ def test_server_flags_are_checked_before_loading(tmp_path, capsys, monkeypatch):
     assert web.main([*model, "--host", "0.0.0.0", "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip() == "error: --port must be between 1 and 65535 (got 70000)"
     for flags, message in ((["--api_key", "two words"], "--api_key (or ALPACA_COT_API_KEY) must be printable ASCII"),
-                           (["--max_queue", "-1"], "--max_queue must be >= 0 (got -1)"),
-                           (["--max_request_bytes", "0"], "--max_request_bytes must be >= 1 (got 0)")):
+                           (["--max_queue", "-1"], "--max_queue must be at least 0 (got -1)"),
+                           (["--max_request_bytes", "0"], "--max_request_bytes must be at least 1 (got 0)")):
         assert web.main([*model, *flags]) == 2
         assert capsys.readouterr().err.strip().startswith(f"error: {message}")
+
+
+def test_every_web_flag_problem_comes_in_one_line(tmp_path, capsys, monkeypatch):
+    import web
+
+    monkeypatch.delenv("ALPACA_COT_API_KEY", raising=False)
+    assert web.main(["--model_name_or_path", str(tmp_path / "never-loaded"), "--host", "0.0.0.0", "--share",
+                     "--max_queue", "-1", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for named in ("--host 0.0.0.0 exposes", "--share exposes", "--max_queue must be at least 0", "--port must be"):
+        assert named in err[0], err[0]
 
 
 def test_the_line_for_the_model_is_bounded(tiny_llama):
