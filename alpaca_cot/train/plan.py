@@ -59,7 +59,7 @@ class RunPlan:
 
     flags: Namespace  # the flags as the user gave them (after --config); a private copy, never rewritten
     sources: tuple[DataSource, ...]
-    model_path: Path
+    model_path: str  # a local folder, or a hub id (as resolve_model_path gives it)
     family: ModelFamily
     template: AnyTemplate
     method: PeftMethod
@@ -226,7 +226,7 @@ def plan_run(args: Namespace) -> RunPlan:
         logger.info("--heldout_eval is skipped under torchrun, --deepspeed and --fsdp: "
                     "it generates in one process from whole weights")
     return RunPlan(
-        flags=args, sources=sources, model_path=Path(model_path), family=family, template=template, method=method,
+        flags=args, sources=sources, model_path=model_path, family=family, template=template, method=method,
         quantization_bit=method.base_bits(args.quantization_bit),
         precision=resolve_precision(args.compute_dtype, family, on_cuda, method.select_trainable is not None),
         packing=_packing(args, method, family), packing_len=args.packing_len or args.cutoff_len,
