@@ -171,7 +171,10 @@ def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None =
 def read_run_manifest(lora_dir: Path) -> dict[str, Any]:
     """The run settings saved by training, or ``{}`` for a plain PEFT adapter folder."""
     path = lora_dir / RUN_MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return read_json_file(path, "--lora_dir", "the run's manifest is damaged: move it away to load the adapter "
+                          "alone (with --model_name_or_path), or train again")
 
 
 def save_run_folder(model: Any, tokenizer: Any, output_dir: Path, manifest: dict[str, Any],

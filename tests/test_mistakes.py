@@ -216,6 +216,8 @@ MISTAKES = [
        "adapter_model.safetensors"),
     _m("generate: adapter_config.json not JSON", "generate", "--lora_dir {broken_run} --instruction hi",
        "adapter_config.json"),
+    _m("generate: alpaca_cot_run.json not JSON", "generate", "--lora_dir {broken_manifest} --instruction hi",
+       "alpaca_cot_run.json"),
     _m("generate: adapter of another base", "generate",
        "--lora_dir {run} --model_name_or_path {wide_model} --instruction hi", "--lora_dir"),
     _m("merge: adapter of another base", "merge", "--lora_dir {run} --model_name_or_path {wide_model} "
@@ -283,9 +285,12 @@ def world(tmp_path_factory, tiny_llama, tiny_llama_wide, tiny_run) -> dict[str, 
     broken_run = root / "broken-run"
     shutil.copytree(tiny_run, broken_run)
     (broken_run / "adapter_config.json").write_text("{")
+    broken_manifest = root / "broken-manifest"
+    shutil.copytree(tiny_run, broken_manifest)
+    (broken_manifest / "alpaca_cot_run.json").write_text('{"base_model": ')
     return {"model": str(tiny_llama), "wide_model": str(tiny_llama_wide), "run": str(tiny_run),
             "broken_model": str(broken_model), "torn_model": str(torn_model), "torn_run": str(torn_run),
-            "broken_run": str(broken_run)}
+            "broken_run": str(broken_run), "broken_manifest": str(broken_manifest)}
 
 
 @pytest.fixture(scope="module")
