@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checks import Problems, check_finetune_flags
+from ..checks import Problems
 from ..data import load_records
 from ..data.catalog import DataSource, parse_data_spec, resolve_data
 from ..errors import UserError
@@ -200,13 +200,16 @@ def _resolve_output(args: Namespace, model_path: str | Path | None, problems: Pr
 
 
 def plan_run(args: Namespace) -> RunPlan:
-    """Check and resolve every flag of a training run before anything loads; all problems in one error."""
+    """Resolve every flag of a training run before anything loads; all problems in one error.
+
+    ``args`` come from ``cli.parse_finetune_args``, which has already checked the flags among themselves
+    (``checks.check_finetune_flags``); what is resolved here reads files: data, model, output folder.
+    """
     import torch
 
     silence_other_ranks()
     args = copy.deepcopy(args)
     on_cuda, ranks = torch.cuda.is_available(), world_size()
-    check_finetune_flags(args, on_cuda, ranks)  # the flags alone: refused before any file is read
     problems = Problems()
     method = get_method(args.peft_type)
     sources = problems.attempt(lambda: tuple(resolve_data(args.data)))
