@@ -117,6 +117,8 @@ MISTAKES = [
        "latin1.json"),
     _m("evaluate: missing data", "evaluate", f"{INFER} --task math --data {{tmp}}/missing.json --output_dir {{tmp}}/e",
        "missing.json"),
+    _m("evaluate: a damaged eval_settings.json in --output_dir", "evaluate",
+       f"{INFER} --task math --data {{tmp}}/good.json --output_dir {{broken_eval}}", "eval_settings.json"),
     _m("evaluate: choice data of the wrong shape", "evaluate",
        f"{INFER} --task choice --data {{tmp}}/numbers.json --output_dir {{tmp}}/e", "numbers.json"),
     _m("data validate: truncated", "data", "validate {tmp}/truncated.json", "truncated.json"),
@@ -288,9 +290,13 @@ def world(tmp_path_factory, tiny_llama, tiny_llama_wide, tiny_run) -> dict[str, 
     broken_manifest = root / "broken-manifest"
     shutil.copytree(tiny_run, broken_manifest)
     (broken_manifest / "alpaca_cot_run.json").write_text('{"base_model": ')
+    broken_eval = root / "broken-eval"
+    broken_eval.mkdir()
+    (broken_eval / "eval_settings.json").write_text('{"task": ')
     return {"model": str(tiny_llama), "wide_model": str(tiny_llama_wide), "run": str(tiny_run),
             "broken_model": str(broken_model), "torn_model": str(torn_model), "torn_run": str(torn_run),
-            "broken_run": str(broken_run), "broken_manifest": str(broken_manifest)}
+            "broken_run": str(broken_run), "broken_manifest": str(broken_manifest),
+            "broken_eval": str(broken_eval)}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -26,6 +25,7 @@ from ..files import (
     check_new_folder,
     parse_json_lines,
     read_complete_lines,
+    read_json_file,
     write_json_atomic,
     write_text_atomic,
 )
@@ -67,7 +67,7 @@ def check_settings(output_dir: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix results of different settings in one folder; record the settings of a new folder."""
     path = output_dir / SETTINGS_FILE
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json_file(path, "--output_dir", "the settings file is damaged: choose a new --output_dir")
         differing = [f"{key}: {saved.get(key)!r} before, {value!r} now" for key, value in settings.items()
                      if saved.get(key) != value]
         if differing:
@@ -167,7 +167,7 @@ def evaluate_items(loaded: LoadedModel, task_name: str, items: list[EvalItem], o
     finally:
         loaded.model.train(was_training)
         bar.close()
-    results = [json.loads(line) for line in result_path.read_text(encoding="utf-8").splitlines()[:len(items)]]
+    results = parse_json_lines(read_complete_lines(result_path)[:len(items)], result_path, "--output_dir")
     summary = summarize(task, results)
     summary["settings"] = settings
     write_summary(output_dir, summary, title)
