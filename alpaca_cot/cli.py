@@ -212,7 +212,7 @@ def _given(argv: list[str], flag: str) -> bool:
 def parse_finetune_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse training flags with the YAML layer; the demo recipe when no data is named.
 
-    Every flag problem (``checks.check_finetune_flags``) is reported at once, before anything is read.
+    Every flag problem (``checks.check_finetune_flags``) is reported at once, before any data or model is read.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_finetune_parser()

@@ -83,7 +83,7 @@ def check_training_output(output_dir: Path, base_model: str, resuming: bool, ove
                 if "run" in held else "pass --overwrite_output_dir to write beside them (files of the same names are "
                                       "replaced)")
         raise UserError(f"--output_dir: {output_dir} already holds {held}: {ways}, or choose another --output_dir")
-    stale = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
+    stale = checkpoint_folders(output_dir)
     for folder in stale:
         shutil.rmtree(folder)
     logger.warning("--overwrite_output_dir: replacing %s in %s%s", held, output_dir,
@@ -129,6 +129,12 @@ def checkpoint_step(path: Path) -> int | None:
     return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``output_dir``, complete or torn, oldest first."""
+    found = (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None)
+    return sorted(found, key=checkpoint_step)
+
+
 def is_complete_checkpoint(path: Path) -> bool:
     """Complete once the commit marker exists: every rank had finished writing before it was made."""
     return (path / CHECKPOINT_COMPLETE).is_file()
@@ -139,8 +145,7 @@ def find_last_checkpoint(output_dir: Path) -> Path | None:
 
     Each torn checkpoint is named in a warning, so a resumed run's log says what it passed over.
     """
-    folders = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None),
-                     key=checkpoint_step)
+    folders = checkpoint_folders(output_dir)
     for torn in (p for p in folders if not is_complete_checkpoint(p)):
         logger.warning("skipping torn checkpoint %s: no %s (the run was stopped while writing it)", torn,
                        CHECKPOINT_COMPLETE)
@@ -154,8 +159,7 @@ def prune_checkpoints(output_dir: Path, keep: int | None, protect: Path | None =
     The newest complete checkpoint and ``protect`` (the best one) always stay. Call only while no
     process is writing a checkpoint.
     """
-    folders = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None),
-                     key=checkpoint_step)
+    folders = checkpoint_folders(output_dir)
     complete = [p for p in folders if is_complete_checkpoint(p)]
     doomed = [p for p in folders if not is_complete_checkpoint(p)]
     if keep is not None and complete:

@@ -75,7 +75,7 @@ def _load_model(args: argparse.Namespace, plan, tokenizer, scratch: Path):
     on_cuda = plan.on_cuda
     quantization_bit = plan.quantization_bit
     load_dtype = plan.precision.torch_load_dtype
-    model_path = str(plan.model_path)
+    model_path = plan.model_path
     if args.arch == "llama-7b":
         from transformers import LlamaConfig, LlamaForCausalLM
 

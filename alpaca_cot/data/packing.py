@@ -136,5 +136,3 @@ def pack_dataset(dataset: Any, packing_len: int) -> Any:
 def packing_efficiency(dataset: PackedRows, packing_len: int) -> float:
     """Fraction of the packed rows' token slots that hold real tokens."""
     return dataset.tokens / (len(dataset) * packing_len) if len(dataset) else 0.0
-
-

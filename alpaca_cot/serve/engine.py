@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import UserError
 from ..infer.generation import answer_text, build_generation_config, generate_token_ids, prompt_ids, stop_token_ids
 from ..infer.loading import LoadedModel
+from ..presets import DEFAULT_PRESET
 from ..templates import Message
 from .chat import context_window, fit_history, stream_generate
 
@@ -57,7 +58,7 @@ class Ticket:
 class Engine:
     """Serialised, capped generation over one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, preset: str = "greedy", defaults: dict[str, Any] | None = None,
+    def __init__(self, loaded: LoadedModel, preset: str = DEFAULT_PRESET, defaults: dict[str, Any] | None = None,
                  max_new_tokens_cap: int = 512, max_prompt_tokens: int | None = None, max_queue: int = 32) -> None:
         self.loaded = loaded
         self.preset = preset

@@ -1,4 +1,4 @@
-"""Training on several processes, and checkpoints that survive a kill at any moment.
+"""Training on several processes: ranks, the process group, the sharding engines' settings, dead peers.
 
 ``torchrun`` (or the original's ``python -m torch.distributed.launch``) starts one
 process per device and tells each its rank through the environment; the Trainer
@@ -25,7 +25,6 @@ from ..checks import resolve_deepspeed_config
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)
-
 
 
 def world_size() -> int:
@@ -138,5 +137,3 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-

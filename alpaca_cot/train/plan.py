@@ -1,9 +1,9 @@
 """A training run resolved once: ``plan_run(args)`` turns the flags into a frozen, typed ``RunPlan``.
 
 Everything that can be decided before a model loads is decided here (data sources, family, template, method,
-precision, packing, output folder, resume point, parallel setup), and every problem found on the way is
-reported together. The phases of ``recipe`` read the plan, never the raw flags; the run folder's manifest
-saves it.
+precision, packing, output folder, resume point, processes), and every problem found on the way is
+reported together. The phases of ``recipe`` read the plan (the method's and the Trainer's own settings from
+its copy of the flags); the run folder's manifest saves it.
 """
 
 from __future__ import annotations
@@ -188,11 +188,11 @@ def _packing(args: Namespace, method: PeftMethod, family: ModelFamily) -> bool:
     return bool(args.packing and method.packs_samples and family.packs_samples)
 
 
-def _resolve_output(args: Namespace, model_path: str | Path | None, problems: Problems) -> tuple[Path, Path | None]:
+def _resolve_output(args: Namespace, model_path: str | None, problems: Problems) -> tuple[Path, Path | None]:
     output_dir = Path(args.output_dir or default_output_dir(args))
     resume = problems.attempt(lambda: resolve_resume_point(args.resume_from_checkpoint, output_dir))
     if model_path is not None:
-        problems.attempt(lambda: check_training_output(output_dir, str(model_path), resume is not None,
+        problems.attempt(lambda: check_training_output(output_dir, model_path, resume is not None,
                                                        args.overwrite_output_dir))
         if resume is not None:
             problems.attempt(lambda: check_resume_base(resume, args.model_name_or_path, Path(model_path)))
